@@ -1,0 +1,1 @@
+"""kt-core's own operators: the wrappers that dispatch to registered backends."""

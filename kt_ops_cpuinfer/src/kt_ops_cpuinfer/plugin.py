@@ -1,0 +1,1 @@
+"""Registrations of kt-ops-cpuinfer: none until the engine's operators are implemented."""

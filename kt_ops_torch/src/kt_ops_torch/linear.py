@@ -1,0 +1,47 @@
+"""`KLinearTorch`: a linear layer as one ``torch.nn.functional.linear`` on a float weight."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from kt_core.backends import LinearBackend
+from kt_core.weights.source import WeightSource
+from kt_ops_torch.dtypes import resolve_dtype
+
+
+class KLinearTorch(LinearBackend):
+    """Holds the weight dequantized to `dtype` on its device; computes in that dtype."""
+
+    def __init__(
+        self,
+        key: str,
+        gguf_loader: WeightSource | None,
+        config: PretrainedConfig,
+        orig_module: nn.Module | None,
+        device: str = "cpu",
+        dtype: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(key, gguf_loader, config, orig_module, device, **kwargs)
+        self.dtype_name = dtype
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    def load(self) -> None:
+        self.weight, self.bias = self.load_weight(dtype=resolve_dtype(self.dtype_name))
+        self.loaded = True
+
+    def unload(self) -> None:
+        self.weight = self.bias = None
+        self.loaded = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            raise RuntimeError(f"KLinearTorch at {self.key} used before load()")
+        out = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return out.to(x.dtype)
