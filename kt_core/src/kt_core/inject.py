@@ -22,26 +22,27 @@ from kt_core.weights.source import WeightSource
 def check_replacements(model: nn.Module, plan: Plan, registry: Registry) -> list[Diagnostic]:
     """Errors for every module the plan gives to an operator that cannot replace it.
 
-    Also checks that each operator runs on the device type it is placed on.
+    Also checks that each operator runs on the device type it is placed on. The same
+    problem in every layer is reported once, naming the first module and the count.
     """
-    problems = []
+    found: dict[tuple[int, str], list[str]] = {}
     for decision in plan.replacements():
         assert decision.rule is not None
-        location = plan.rules.rules[decision.rule].location
         spec = registry.resolve_operator(decision.operator)
         devices = {decision.kwargs.get(k) for k in DEVICE_KWARGS if k != "out_device"} | {decision.device}
         for device in sorted(d for d in devices if d):
             if device.split(":")[0] not in spec.devices:
-                problems.append(
-                    Diagnostic(
-                        location, f"{spec.name} (for {decision.module}) cannot run on {device}; it runs on "
-                        f"{', '.join(spec.devices)}" + (" (use --device-map to remap)" if "cuda" in device else ""),
-                        rule=decision.rule,
-                    )
-                )
+                remap = " (use --device-map to remap)" if "cuda" in device else ""
+                reason = f"{spec.name} cannot run on {device}; it runs on {', '.join(spec.devices)}{remap}"
+                found.setdefault((decision.rule, reason), []).append(decision.module)
         reason = spec.load_class().accepts(model.get_submodule(decision.module))
         if reason is not None:
-            problems.append(Diagnostic(location, f"{decision.module}: {reason}", rule=decision.rule))
+            found.setdefault((decision.rule, reason), []).append(decision.module)
+    problems = []
+    for (rule_index, reason), modules in found.items():
+        more = f" (and {len(modules) - 1} more modules)" if len(modules) > 1 else ""
+        location = plan.rules.rules[rule_index].location
+        problems.append(Diagnostic(location, f"{modules[0]}{more}: {reason}", rule=rule_index))
     return problems
 
 

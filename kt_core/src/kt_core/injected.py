@@ -46,8 +46,10 @@ class BaseInjectedModule(nn.Module):
         self.prefill_device = str(prefill_device or generate_device)
         self.device = torch.device(self.generate_device)
         if orig_module is not None:
+            # Directly, not via add_module: attribute fall-through makes every child name
+            # look taken already.
             for name, child in orig_module.named_children():
-                self.add_module(name, child)
+                self._modules[name] = child
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -20,7 +20,7 @@ from kt_core.operator_kwargs import DefaultKwargs, DispatchKwargs
 from kt_core.registry import ModelClassSpec, OperatorSpec, Registry, UnknownNameError
 from kt_core.rules.diagnostics import Diagnostic, RuleFileError
 from kt_core.rules.pydantic_errors import describe
-from kt_core.rules.schema import RuleFileSpec, RuleSpec
+from kt_core.rules.schema import RuleSpec
 from kt_core.rules.yaml_reader import locate, read_yaml, read_yaml_file
 
 DEFAULT = "default"
@@ -214,7 +214,7 @@ def _resolve_backends(
     result: dict[str, dict[str, Any]] = {}
     claimed: set[str] = set()
     failed = False
-    for name, spec in backends.items():
+    for spec in backends.values():
         fields = spec.kwargs_model.model_fields
         mine = {k: v for k, v in extras.items() if k in fields}
         claimed |= mine.keys()

@@ -18,7 +18,10 @@ class DummyScaledModule(BaseInjectedModule):
         self.factor = factor
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return super().forward(*args, **kwargs) * self.factor
+        out = super().forward(*args, **kwargs)
+        if isinstance(out, tuple):  # attention returns (output, weights)
+            return (out[0] * self.factor, *out[1:])
+        return out * self.factor
 
 
 class KLinearDummyOffset(LinearBackend):
