@@ -33,6 +33,8 @@ from kt_core.rules.loader import DEFAULT, Rule, RuleSet
 
 Origin = Literal["rule", "inherited", "covered", "root"]
 DEVICE_KWARGS = ("generate_device", "prefill_device", "out_device")
+TRANSFER_MAP = "transfer_map"
+"""A model operator's kwarg mapping layer index → device (multi-GPU placement)."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,15 @@ def _rule_matches(rule: Rule, name: str, module: nn.Module, classes: _ClassMatch
 
 
 def _remap(kwargs: Mapping[str, Any], device_map: DeviceMap) -> dict[str, Any]:
-    return {k: device_map.apply(v) if k in DEVICE_KWARGS and v is not None else v for k, v in kwargs.items()}
+    """Apply the device map to device kwargs and to the devices of a ``transfer_map``."""
+    out = {}
+    for key, value in kwargs.items():
+        if key in DEVICE_KWARGS and value is not None:
+            value = device_map.apply(value)
+        elif key == TRANSFER_MAP and isinstance(value, Mapping):
+            value = {layer: device_map.apply(device) for layer, device in value.items()}
+        out[key] = value
+    return out
 
 
 def plan(

@@ -1,0 +1,56 @@
+"""Multi-device layer placement: the ``transfer_map`` of model operators.
+
+A model operator (``KDeepseekV2Model``, ``KQwen2MoeModel``) runs its decoder layers in
+order; ``transfer_map: {30: "cuda:1"}`` says that from layer 30 on, hidden states and
+everything the layers need (position embeddings, mask, position ids) live on
+``cuda:1``. The pieces here are shared by every model plugin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+
+from kt_core.devices import Device
+from kt_core.operator_kwargs import OperatorKwargs
+
+
+class TransferMapKwargs(OperatorKwargs):
+    """Kwargs of a model operator with multi-device layer placement."""
+
+    transfer_map: dict[int, Device] = Field(
+        default_factory=dict,
+        description="Layer index → device: from that layer on, activations move to that device.",
+    )
+
+    @field_validator("transfer_map")
+    @classmethod
+    def _non_negative(cls, value: dict[int, str]) -> dict[int, str]:
+        bad = [k for k in value if k < 0]
+        if bad:
+            raise ValueError(f"layer indices must be >= 0, got {bad}")
+        return value
+
+
+def layer_devices(num_layers: int, transfer_map: dict[int, str], start_device: str) -> list[str]:
+    """The device each layer's activations live on, given where layer 0 starts."""
+    devices, current = [], start_device
+    for index in range(num_layers):
+        current = transfer_map.get(index, current)
+        devices.append(current)
+    return devices
+
+
+def move_to(value: Any, device: torch.device | str) -> Any:
+    """`value` with every tensor inside (tuples, lists, dicts) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(move_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [move_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: move_to(v, device) for k, v in value.items()}
+    return value
