@@ -40,7 +40,7 @@ def test_explain_json_shape(capsys):
 
 @pytest.mark.parametrize("model", BUILTIN_MODELS)
 def test_explain_every_builtin_config(model, capsys):
-    rules = "qwen2-moe-cpu" if model.startswith("Qwen") else "deepseek-v2-lite-cpu"
+    rules = {"Qwen/Qwen3-30B-A3B": "qwen3-moe-cpu", "Qwen/Qwen2-57B-A14B-Instruct": "qwen2-moe-cpu"}.get(model, "deepseek-v2-lite-cpu")
     assert main(["rules", "explain", rules, "--model", model]) == 0
     out = capsys.readouterr().out
     assert "KTransformersExperts [generate_op=KExpertsTorch]" in out
@@ -102,7 +102,7 @@ def test_model_directory_with_config(tmp_path, capsys):
     from tiny_models import qwen3_moe_config
 
     qwen3_moe_config().save_pretrained(tmp_path)
-    assert main(["rules", "explain", "qwen2-moe-cpu", "--model", str(tmp_path), "--json"]) == 0
+    assert main(["rules", "explain", "qwen3-moe-cpu", "--model", str(tmp_path), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert any(r["module"] == "model.layers.2.mlp.experts" and r["operator"] == "KTransformersExperts" for r in rows)
 
@@ -121,7 +121,7 @@ def test_plugins_json(capsys):
     assert main(["plugins", "--json"]) == 0
     report = {r["distribution"]: r for r in json.loads(capsys.readouterr().out)}
     assert report["kt-ops-torch"]["version"] == "0.1.0"
-    assert {o["name"] for o in report["kt-ops-torch"]["operators"]} == {"KLinearTorch", "KExpertsTorch"}
+    assert {"KLinearTorch", "KExpertsTorch"} <= {o["name"] for o in report["kt-ops-torch"]["operators"]}
     assert "deepseek-ai/DeepSeek-V3" in report["kt-models-deepseek"]["model_families"][0]["builtin_configs"]
     assert any(c["name"] == "DeepseekV2Moe" for c in report["kt-models-deepseek"]["model_classes"])
 

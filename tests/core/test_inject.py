@@ -39,7 +39,7 @@ def injected_copy(model, rules, registry):
         (deepseek_v2_config, "deepseek-v2-lite-cpu"),
         (lambda: deepseek_v2_config(q_lora_rank=None), "deepseek-v2-lite-cpu"),
         (qwen2_moe_config, "qwen2-moe-cpu"),
-        (qwen3_moe_config, "qwen2-moe-cpu"),
+        (qwen3_moe_config, "qwen3-moe-cpu"),
     ],
 )
 def test_shipped_rules_reproduce_transformers_logits(make_config, rule_file, registry):

@@ -65,6 +65,16 @@ class BaseInjectedModule(nn.Module):
         """Why this operator cannot replace `module`, or None if it can (checked at plan time)."""
         return None
 
+    def consumed_children(self) -> tuple[str, ...]:
+        """Names of adopted children whose weights this operator reads itself.
+
+        The runtime neither loads those children's tensors nor expects them off ``meta``
+        (the operator never calls them). An MoE block that computes routing from the
+        router's weight, or attention that absorbs ``kv_b_proj``, lists them here so
+        their weights are not held twice.
+        """
+        return ()
+
     def replace_child(self, name: str, new: nn.Module) -> None:
         """Swap an adopted child, in this module and in the original it delegates to."""
         self._modules[name] = new

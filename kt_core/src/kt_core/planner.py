@@ -74,6 +74,9 @@ class Plan:
     def __getitem__(self, module: str) -> Decision:
         return self._by_name()[module]
 
+    def __contains__(self, module: str) -> bool:
+        return module in self._by_name()
+
     def _by_name(self) -> dict[str, Decision]:
         cache = self.__dict__.get("_index")
         if cache is None:

@@ -8,10 +8,12 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from kt_core import hookimpl
+from kt_core import OperatorKind, hookimpl
 from kt_core.model_classes import register_transformers_classes
+from kt_core.transfer import TransferMapKwargs
 from kt_core.weights.family import GGUFMetadata, ModelFamily
 from kt_core.weights.name_map import NameMap
+from kt_models_qwen.kwargs import QwenMoeBlockKwargs
 
 _CONFIGS = Path(__file__).parent / "configs"
 
@@ -68,3 +70,40 @@ def register_model_families(register: Callable[..., None]) -> None:
             "Qwen/Qwen3-30B-A3B": _CONFIGS / "Qwen3-30B-A3B.json",
         },
     ))
+
+
+@hookimpl
+def register_operators(register: Callable[..., None]) -> None:
+    experts = "ktransformers.operators.experts"
+    register(
+        name="KQwen2MoeSparseMoeBlock",
+        target="kt_models_qwen.moe:KQwen2MoeSparseMoeBlock",
+        kind=OperatorKind.MODULE,
+        summary="Qwen2-MoE block: float32 softmax top-k routing, routed experts overlapped with the shared expert",
+        kwargs_model=QwenMoeBlockKwargs,
+        aliases=(f"{experts}.KQwen2MoeSparseMoeBlock",),
+    )
+    register(
+        name="KQwen3MoeSparseMoeBlock",
+        target="kt_models_qwen.moe:KQwen3MoeSparseMoeBlock",
+        kind=OperatorKind.MODULE,
+        summary="Qwen3-MoE block: float32 softmax top-k routing, routed experts via submit/sync",
+        kwargs_model=QwenMoeBlockKwargs,
+        aliases=(f"{experts}.KQwen3MoeSparseMoeBlock",),
+    )
+    register(
+        name="KQwen2MoeModel",
+        target="kt_models_qwen.model:KQwen2MoeModel",
+        kind=OperatorKind.MODULE,
+        summary="Qwen2/Qwen3-MoE decoder stack with transfer_map (layer index -> device) for multi-device placement",
+        kwargs_model=TransferMapKwargs,
+        aliases=("ktransformers.operators.models.KQwen2MoeModel",),
+    )
+    register(
+        name="KQwen3MoeModel",
+        target="kt_models_qwen.model:KQwen3MoeModel",
+        kind=OperatorKind.MODULE,
+        summary="KQwen2MoeModel under the Qwen3 name (same forward, same transfer_map)",
+        kwargs_model=TransferMapKwargs,
+        aliases=("ktransformers.operators.models.KQwen3MoeModel",),
+    )

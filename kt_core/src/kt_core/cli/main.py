@@ -16,7 +16,7 @@ USER_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kt_core.cli import plugins_cmd, rules_cmd
+    from kt_core.cli import convert_cmd, demo_cmd, gguf_cmd, plugins_cmd, rules_cmd, run_cmd
 
     parser = argparse.ArgumentParser(
         prog="kt",
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for module in (plugins_cmd, rules_cmd):
+    for module in (demo_cmd, plugins_cmd, rules_cmd, gguf_cmd, convert_cmd, run_cmd):
         module.register(subparsers)
     return parser
 

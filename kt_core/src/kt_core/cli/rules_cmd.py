@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from kt_core.cli.table import format_table
+from kt_core.cli.plan_view import format_plan
 from kt_core.devices import DeviceMap
 from kt_core.inject import check_replacements
 from kt_core.model_config import build_meta_model, resolve_config
-from kt_core.planner import Decision, Plan, plan
+from kt_core.planner import Plan, plan
 from kt_core.plugins import get_registry
 from kt_core.rules.diagnostics import RuleFileError
 from kt_core.rules.json_schema import rules_json_schema
@@ -97,80 +95,12 @@ def run_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
-
-
-def group_decisions(decisions: Sequence[Decision]) -> list[dict[str, Any]]:
-    """Collapse modules that differ only in numeric path parts (layer indices) into one row.
-
-    ``model.layers.1.mlp`` … ``model.layers.26.mlp`` with the same rule, operator and
-    device become ``model.layers.{1-26}.mlp``, which keeps a 60-layer plan readable.
-    """
-    groups: dict[tuple, dict[str, Any]] = {}
-    for d in decisions:
-        template = _INDEX.sub("{}", d.module)
-        numbers = tuple(int(n) for n in _INDEX.findall(d.module))
-        covered_template = _INDEX.sub("{}", d.covered_by) if d.covered_by else None
-        key = (template, d.module_class, d.rule, d.operator, d.device, d.origin, covered_template)
-        group = groups.setdefault(key, {"template": template, "decision": d, "numbers": []})
-        group["numbers"].append(numbers)
-    return list(groups.values())
-
-
-def _ranges(values: Sequence[int]) -> str:
-    values = sorted(set(values))
-    parts: list[str] = []
-    start = prev = values[0]
-    for v in values[1:] + [None]:  # type: ignore[list-item]
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if v is not None:
-            start = prev = v
-    return ",".join(parts)
-
-
-def _group_name(group: dict[str, Any]) -> str:
-    template: str = group["template"]
-    numbers: list[tuple[int, ...]] = group["numbers"]
-    if not numbers or not numbers[0]:
-        return template
-    per_position = list(zip(*numbers, strict=True))
-    out = template
-    for values in per_position:
-        shown = str(values[0]) if len(set(values)) == 1 else "{" + _ranges(list(values)) + "}"
-        out = out.replace("{}", shown, 1)
-    return out
-
-
-def _operator_cell(d: Decision) -> str:
-    if d.origin == "covered":
-        return f"(inside {d.operator})"
-    if d.origin == "inherited":
-        return "default (inherited)"
-    ops = [f"{k}={d.kwargs[k]}" for k in ("generate_op", "prefill_op") if d.kwargs.get(k)]
-    return f"{d.operator} [{', '.join(ops)}]" if ops else d.operator
-
-
 def run_explain(args: argparse.Namespace) -> int:
     result = _plan_for(args.rules, args.model, args.device_map)
     if args.json:
         _print_warnings(result, args.strict)
         print(json.dumps([d.as_json() for d in result.decisions], indent=2, default=str))
         return 0
-    rows = []
-    if args.all:
-        shown = [{"template": d.module, "decision": d, "numbers": [()]} for d in result.decisions]
-    else:
-        shown = group_decisions(result.decisions)
-    for group in shown:
-        d: Decision = group["decision"]
-        rows.append([_group_name(group) or "(root)", d.module_class, "-" if d.rule is None else d.rule,
-                     _operator_cell(d), d.device])
-    print(format_table(["MODULE", "CLASS", "RULE", "OPERATOR", "DEVICE"], rows))
-    replaced = sum(1 for _ in result.replacements())
-    print(f"\n{len(result.decisions)} modules, {replaced} replaced by operators, {len(result.rules)} rules "
-          f"({result.rules.source})")
+    print(format_plan(result, grouped=not args.all))
     _print_warnings(result, args.strict)
     return 0

@@ -1,0 +1,103 @@
+"""Decoders for GGML's original 32-element block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+
+Each block holds one fp16 scale `d` (and for the `_1` variants an fp16 offset `m`) plus
+32 quants. 4-bit quants sit in 16 bytes, element `i` in the low nibble of byte `i` and
+element `i + 16` in the high nibble; the 5-bit formats add a 32-bit word whose bit `i`
+is the fifth bit of element `i`. Values are `d * (q - bias)` or `d * q + m`, computed in
+float32 exactly as gguf-py and ggml do.
+
+The blocks are 18 to 34 bytes, so per-block work must be a few vectorized ops over word
+views; see `bit_fields` for why words rather than bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from gguf import GGMLQuantizationType
+
+from kt_core.quant.bit_fields import bits_to_bytes, f16_field, unpack_bit_fields
+from kt_core.quant.block_decoder import BlockDecoder
+
+
+def _signed_codes_to_float(codes: torch.Tensor, bias: int, out: torch.Tensor) -> None:
+    """Write `codes - bias` (codes: uint8 in 0..2*bias-1) into float32 `out`.
+
+    Subtracting in uint8 wraps modulo 256, which is exactly the int8 two's complement
+    encoding of the signed quant; converting that int8 view is one pass instead of a
+    float conversion followed by a float subtraction.
+    """
+    codes.sub_(bias)
+    out.copy_(codes.view(torch.int8))
+
+
+def decode_q4_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """Q4_0 (18 bytes: fp16 d, 16 bytes of nibbles): value = d * (q - 8)."""
+    codes = unpack_bit_fields(blocks.view(torch.int16)[:, 1:9], 4, 8).view(torch.uint8)
+    _signed_codes_to_float(codes, 8, out)
+    out.mul_(f16_field(blocks, 0))
+
+
+def decode_q4_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """Q4_1 (20 bytes: fp16 d, fp16 m, 16 bytes of nibbles): value = d * q + m."""
+    codes = unpack_bit_fields(blocks.view(torch.int32)[:, 1:5], 4, 4).view(torch.uint8)
+    out.copy_(codes)
+    out.mul_(f16_field(blocks, 0))
+    out.add_(f16_field(blocks, 2))
+
+
+def _add_fifth_bits(codes: torch.Tensor, high_bits: torch.Tensor) -> None:
+    """OR bit `i` of each block's 32-bit `high_bits` into bit 4 of `codes` byte `i`.
+
+    `codes` holds the 32 nibble codes of each block in element order (any word type);
+    `high_bits` is `(n, 1)` int32.
+    """
+    spread = bits_to_bytes(high_bits)
+    spread.bitwise_left_shift_(4)
+    codes.view(torch.int32).bitwise_or_(spread)
+
+
+def decode_q5_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """Q5_0 (22 bytes: fp16 d, u32 high bits, 16 bytes of nibbles): value = d * (q - 16).
+
+    The block is only 2-byte aligned, so the 32-bit high-bit word is rebuilt from its
+    two 16-bit halves.
+    """
+    words = blocks.view(torch.int16)
+    high_bits = words[:, 1:2].to(torch.int32).bitwise_and_(0xFFFF)
+    high_bits.bitwise_or_(words[:, 2:3].to(torch.int32).bitwise_left_shift_(16))
+    codes = unpack_bit_fields(words[:, 3:11], 4, 8)
+    _add_fifth_bits(codes, high_bits)
+    _signed_codes_to_float(codes.view(torch.uint8), 16, out)
+    out.mul_(f16_field(blocks, 0))
+
+
+def decode_q5_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """Q5_1 (24 bytes: fp16 d, fp16 m, u32 high bits, 16 bytes of nibbles): value = d * q + m."""
+    words = blocks.view(torch.int32)
+    codes = unpack_bit_fields(words[:, 2:6], 4, 4)
+    _add_fifth_bits(codes, words[:, 1:2])
+    out.copy_(codes.view(torch.uint8))
+    out.mul_(f16_field(blocks, 0))
+    out.add_(f16_field(blocks, 2))
+
+
+def decode_q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """Q8_0 (34 bytes: fp16 d, 32 int8 quants): value = d * q.
+
+    Converting the whole contiguous chunk (scale bytes included) to float and then
+    multiplying a strided float view is faster than converting the strided int8 quants
+    directly, which torch runs on a slow per-row path; the scratch is chunk-sized.
+    """
+    widened = blocks.view(torch.int8).to(torch.float32)
+    torch.mul(widened[:, 2:], f16_field(blocks, 0), out=out)
+
+
+DECODERS: Mapping[GGMLQuantizationType, BlockDecoder] = {
+    GGMLQuantizationType.Q4_0: decode_q4_0,
+    GGMLQuantizationType.Q4_1: decode_q4_1,
+    GGMLQuantizationType.Q5_0: decode_q5_0,
+    GGMLQuantizationType.Q5_1: decode_q5_1,
+    GGMLQuantizationType.Q8_0: decode_q8_0,
+}

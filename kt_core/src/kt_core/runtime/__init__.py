@@ -1,0 +1,1 @@
+"""The runtime: build on meta, plan, inject, load weights, place, generate."""

@@ -1,0 +1,143 @@
+"""Prefill and decode with a static cache, gpt-fast style: two paths, nothing hidden.
+
+`Session` holds one conversation's cache. `prefill` runs the new part of a prompt in one
+forward call (the prefix already in the cache is reused, which is what keeps a chat
+turn cheap); `decode` runs one token. `generate` strings them together with sampling,
+stop conditions and a streaming callback, and times prefill and decode separately.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, StaticCache
+
+from kt_core.errors import KtUserError
+from kt_core.runtime.sampling import Sampler, SamplingConfig
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: int
+    tokens: list[int]
+    text: str
+    prefill_seconds: float
+    decode_seconds: float
+    stop_reason: str
+    reused_prompt_tokens: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        new = self.prompt_tokens - self.reused_prompt_tokens
+        return new / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first generated token comes from prefill; each later one costs a decode step.
+        steps = max(len(self.tokens) - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass
+class Session:
+    """A static KV cache and the tokens it holds, for one sequence."""
+
+    model: nn.Module
+    config: PretrainedConfig
+    max_length: int
+    cached: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.cache = StaticCache(config=self.config, max_cache_len=self.max_length)
+        self.input_device = self.model.get_input_embeddings().weight.device
+
+    def _forward(self, ids: Sequence[int], start: int) -> torch.Tensor:
+        if start + len(ids) > self.max_length:
+            raise KtUserError(
+                f"the sequence would reach {start + len(ids)} tokens, beyond the cache size {self.max_length}; "
+                "raise --max-length or shorten the prompt"
+            )
+        input_ids = torch.tensor([list(ids)], device=self.input_device)
+        positions = torch.arange(start, start + len(ids), device=self.input_device)[None]
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
+
+    def _rewind(self, keep: int) -> None:
+        drop = len(self.cached) - keep
+        if drop > 0:
+            for layer in self.cache.layers:
+                if getattr(layer, "is_initialized", False):
+                    layer.crop(-drop)
+        self.cached = self.cached[:keep]
+
+    def prefill(self, ids: Sequence[int]) -> tuple[torch.Tensor, int]:
+        """Logits after `ids`, computing only what the cache does not already hold; returns (logits, reused)."""
+        if not ids:
+            raise KtUserError("the prompt is empty")
+        reuse = 0
+        limit = min(len(ids) - 1, len(self.cached))  # at least one token must run to get logits
+        while reuse < limit and self.cached[reuse] == ids[reuse]:
+            reuse += 1
+        self._rewind(reuse)
+        logits = self._forward(ids[reuse:], reuse)
+        self.cached = list(ids)
+        return logits, reuse
+
+    def decode(self, token: int) -> torch.Tensor:
+        logits = self._forward([token], len(self.cached))
+        self.cached.append(token)
+        return logits
+
+
+def generate(
+    session: Session,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eos_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    decode_text: Callable[[list[int]], str] | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Generate up to `max_new_tokens` tokens after `prompt_ids`, streaming text through `on_text`."""
+    sampler = Sampler(sampling)
+    decode_text = decode_text or (lambda tokens: "")
+    t0 = time.perf_counter()
+    logits, reused = session.prefill(prompt_ids)
+    token = sampler(logits)
+    prefill_s = time.perf_counter() - t0
+    tokens: list[int] = []
+    emitted = ""
+    stop_reason = "length"
+    decode_start = time.perf_counter()
+    while True:
+        if token in eos_ids:
+            stop_reason = "eos"
+            break
+        tokens.append(token)
+        text = decode_text(tokens)
+        hit = next((s for s in stop_strings if s in text), None)
+        if hit is not None:
+            text = text[: text.index(hit)]
+            stop_reason = "stop_string"
+        if on_text is not None and not text.endswith("\ufffd") and len(text) > len(emitted):
+            # Hold back incomplete UTF-8 (shown as U+FFFD) until the next token completes it.
+            on_text(text[len(emitted):])
+            emitted = text
+        if hit is not None or len(tokens) >= max_new_tokens:
+            break
+        token = sampler(session.decode(token))
+    decode_s = time.perf_counter() - decode_start
+    text = decode_text(tokens)
+    if stop_reason == "stop_string":
+        hit = next(s for s in stop_strings if s in text)
+        text = text[: text.index(hit)]
+    if on_text is not None and len(text) > len(emitted):
+        on_text(text[len(emitted):])
+    return GenerationResult(len(prompt_ids), tokens, text, prefill_s, decode_s, stop_reason, reused)
