@@ -41,6 +41,11 @@ class _Backend(nn.Module, abc.ABC):
             raise RuntimeError(f"{type(self).__name__} at {self.key} was created without a weight source")
         return self.gguf_loader
 
+    def check_weights(self) -> list[str]:
+        """Problems with the tensors `load` will read (e.g. a GGML type this backend cannot
+        compute on), found from `source.info` alone, before anything is read."""
+        return []
+
     @abc.abstractmethod
     def load(self) -> None:
         """Read weights from the source onto `self.device` (in the backend's own format)."""

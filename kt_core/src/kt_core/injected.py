@@ -65,6 +65,15 @@ class BaseInjectedModule(nn.Module):
         """Why this operator cannot replace `module`, or None if it can (checked at plan time)."""
         return None
 
+    def check_weights(self) -> list[str]:
+        """Problems with the weights this operator will read, found before any is read.
+
+        Called by the runtime after injection and before `load`, so a tensor of a type an
+        operator cannot compute on is reported at once (naming the tensor and what the
+        operator accepts), not after minutes of loading. The default finds none.
+        """
+        return []
+
     def consumed_children(self) -> tuple[str, ...]:
         """Names of adopted children whose weights this operator reads itself.
 

@@ -73,6 +73,12 @@ class DispatchingModule(BaseInjectedModule):
             return self.prefill_backend
         return self.generate_backend
 
+    def check_weights(self) -> list[str]:
+        problems = list(self.generate_backend.check_weights())
+        if self.prefill_backend is not None:
+            problems += self.prefill_backend.check_weights()
+        return problems
+
     def load(self) -> None:
         self.generate_backend.load()
         if self.prefill_backend is not None:

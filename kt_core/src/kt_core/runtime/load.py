@@ -175,6 +175,10 @@ def load_model(
     torch.set_default_dtype(dtype)  # backends without an explicit dtype use the model's
     try:
         operators = inject(model, result, config=config, source=source, registry=registry)
+        problems = [problem for op in operators for problem in op.check_weights()]
+        if problems:
+            shown = "\n  ".join(problems[:10]) + (f"\n  … and {len(problems) - 10} more" if len(problems) > 10 else "")
+            raise KtUserError(f"{source.description}: the planned operators cannot use these weights:\n  {shown}")
         for op in progress(operators, total=len(operators), desc="loading weights", unit="op", enabled=show_progress):
             op.load()
         _load_kept(model, result, source, config, dtype)
