@@ -32,8 +32,9 @@ def test_explain_json_shape(capsys):
     by_module = {r["module"]: r for r in rows}
     assert {"module", "rule", "operator", "device"} <= set(rows[0])
     experts = by_module["model.layers.5.mlp.experts"]
-    assert (experts["rule"], experts["operator"], experts["device"]) == (0, "KTransformersExperts", "cpu")
-    assert by_module["model.layers.5.self_attn"]["operator"] == "default"
+    assert (experts["rule"], experts["operator"], experts["device"]) == (2, "KTransformersExperts", "cpu")
+    assert by_module["model.layers.5.self_attn"]["operator"] == "KDeepseekV2Attention"
+    assert by_module["model.layers.5.self_attn.kv_b_proj"]["operator"] == "default"
     assert by_module["model.norm"]["rule"] is None
     assert len([r for r in rows if r["module"].endswith("mlp.experts")]) == 26  # layer 0 is dense
 

@@ -22,6 +22,7 @@ import torch
 from tiny_models import meta_model, qwen2_moe_config, qwen3_moe_config, random_model
 from transformers import StaticCache
 
+from kt_core.errors import KtUserError
 from kt_core.inject import inject
 from kt_core.operators.experts import KTransformersExperts
 from kt_core.operators.linear import KTransformersLinear
@@ -223,7 +224,7 @@ def test_operators_reject_the_wrong_modules(registry, rules_from):
 
 def test_transfer_map_beyond_the_last_layer_is_an_error():
     model = meta_model(qwen3_moe_config())
-    with pytest.raises(ValueError, match=r"transfer_map names layers \[3\], but the model has 3 layers"):
+    with pytest.raises(KtUserError, match=r"transfer_map names layers \[3\], but the model has 3 layers"):
         KQwen3MoeModel("model", None, model.config, model.model, transfer_map={3: "cpu"})
 
 

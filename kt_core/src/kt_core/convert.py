@@ -29,7 +29,7 @@ from kt_core.registry import Registry
 from kt_core.runtime.progress import progress
 from kt_core.weights.family import ModelFamily
 from kt_core.weights.gguf_tokenizer import tokenizer_to_gguf_metadata
-from kt_core.weights.name_map import TensorMapping
+from kt_core.weights.name_map import NameMap, TensorMapping
 from kt_core.weights.source import WeightSource
 
 FILE_TYPES = {
@@ -90,10 +90,16 @@ def _primary_mappings(name_map: Any, source: WeightSource) -> tuple[list[TensorM
 
 
 def plan_tensors(
-    source: WeightSource, config: PretrainedConfig, family: ModelFamily, ggml_type: str
+    source: WeightSource, config: PretrainedConfig, family: ModelFamily, ggml_type: str,
+    name_map: NameMap | None = None,
 ) -> list[PlannedTensor]:
-    """Every tensor the GGUF will hold, with its shape and type, computed without reading data."""
-    name_map = family.name_map(config, None)
+    """Every tensor the GGUF will hold, with its shape and type, computed without reading data.
+
+    `name_map` defaults to the family's map for writing (the tensor layout the current
+    llama.cpp converter produces); passing another writes another layout (tests use it to
+    write DeepSeek's older ``attn_kv_b`` form).
+    """
+    name_map = name_map if name_map is not None else family.name_map(config, None)
     planned: list[PlannedTensor] = []
     mappings, missing = _primary_mappings(name_map, source)
     for mapping in mappings:
@@ -136,6 +142,7 @@ def write_gguf(
     name: str | None = None,
     show_progress: bool | None = None,
     on_tensor: Callable[[PlannedTensor], None] | None = None,
+    name_map: NameMap | None = None,
 ) -> list[PlannedTensor]:
     """Write `source` as a GGUF file for llama.cpp and kt; return what was written."""
     if ggml_type not in FILE_TYPES:
@@ -147,7 +154,7 @@ def write_gguf(
     arch = family.gguf_architectures[0]
     metadata = dict(family.gguf_metadata(config))
     arch = metadata.get("general.architecture", arch)
-    planned = plan_tensors(source, config, family, ggml_type)
+    planned = plan_tensors(source, config, family, ggml_type, name_map)
 
     tmp_path = out_path.with_name(out_path.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp_path), arch)

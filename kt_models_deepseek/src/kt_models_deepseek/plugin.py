@@ -8,14 +8,68 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from kt_core import hookimpl
+from kt_core import OperatorKind, hookimpl
 from kt_core.model_classes import register_transformers_classes
+from kt_core.transfer import TransferMapKwargs
 from kt_core.weights.family import GGUFMetadata, ModelFamily
 from kt_core.weights.name_map import NameMap
+from kt_models_deepseek.kwargs import DeepseekMoEKwargs, MLAAttentionKwargs, RotaryKwargs
 
 _CONFIGS = Path(__file__).parent / "configs"
 _KT_V2 = "ktransformers.models.modeling_deepseek"
 _KT_V3 = "ktransformers.models.modeling_deepseek_v3"
+_KT_OPS = "ktransformers.operators"
+
+
+@hookimpl
+def register_operators(register: Callable[..., None]) -> None:
+    register(
+        name="KDeepseekV2Attention",
+        target="kt_models_deepseek.mla_attention:KDeepseekV2Attention",
+        kind=OperatorKind.MODULE,
+        summary="DeepSeek MLA attention with kv_b_proj absorbed; caches only the compressed latent",
+        kwargs_model=MLAAttentionKwargs,
+        aliases=(f"{_KT_OPS}.attention.KDeepseekV2Attention",),
+    )
+    register(
+        name="KDeepseekV2MoE",
+        target="kt_models_deepseek.moe:KDeepseekV2MoE",
+        kind=OperatorKind.MODULE,
+        summary="DeepSeek-V2 MoE block: softmax routing, shared experts overlapped with routed experts",
+        kwargs_model=DeepseekMoEKwargs,
+        aliases=(f"{_KT_OPS}.experts.KDeepseekV2MoE",),
+    )
+    register(
+        name="KDeepseekV3MoE",
+        target="kt_models_deepseek.moe:KDeepseekV3MoE",
+        kind=OperatorKind.MODULE,
+        summary="DeepSeek-V3 MoE block: sigmoid group-limited routing, shared experts overlapped with routed experts",
+        kwargs_model=DeepseekMoEKwargs,
+        aliases=(f"{_KT_OPS}.experts.KDeepseekV3MoE",),
+    )
+    register(
+        name="YarnRotaryEmbedding",
+        target="kt_models_deepseek.rope:YarnRotaryEmbedding",
+        kind=OperatorKind.MODULE,
+        summary="DeepSeek rotary embedding whose frequencies (any rope type, YaRN included) are computed at load",
+        kwargs_model=RotaryKwargs,
+        aliases=(f"{_KT_OPS}.RoPE.YarnRotaryEmbedding",),
+    )
+    register(
+        name="KDeepseekV2Model",
+        target="kt_models_deepseek.model:KDeepseekV2Model",
+        kind=OperatorKind.MODULE,
+        summary="DeepSeek decoder stack with a transfer_map moving activations between layer devices",
+        kwargs_model=TransferMapKwargs,
+        aliases=(f"{_KT_OPS}.models.KDeepseekV2Model",),
+    )
+    register(
+        name="KDeepseekV3Model",
+        target="kt_models_deepseek.model:KDeepseekV3Model",
+        kind=OperatorKind.MODULE,
+        summary="KDeepseekV2Model under the DeepSeek-V3 name (same decoder stack with transfer_map)",
+        kwargs_model=TransferMapKwargs,
+    )
 
 
 @hookimpl

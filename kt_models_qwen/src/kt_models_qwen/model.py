@@ -26,6 +26,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeModelOutputWithPast
 
+from kt_core.errors import KtUserError
 from kt_core.injected import BaseInjectedModule
 from kt_core.transfer import layer_devices, move_to
 from kt_core.weights.source import WeightSource
@@ -60,7 +61,7 @@ class KQwen2MoeModel(BaseInjectedModule):
         self.num_layers = int(config.num_hidden_layers)
         beyond = [k for k in self.transfer_map if k >= self.num_layers]
         if beyond:
-            raise ValueError(
+            raise KtUserError(
                 f"{type(self).__name__} at {key}: transfer_map names layers {sorted(beyond)}, "
                 f"but the model has {self.num_layers} layers (0–{self.num_layers - 1})"
             )

@@ -77,8 +77,9 @@ def packed_words(blocks: torch.Tensor, start: int, stop: int, dtype: torch.dtype
     """
     type_size = blocks.shape[1]
     read_as = next(t for t in (torch.int64, torch.int32, torch.int16, torch.uint8) if _fits(t, type_size, start, stop))
-    field = blocks.view(read_as)[:, start // read_as.itemsize : stop // read_as.itemsize].contiguous()
-    return field.view(dtype)
+    field = blocks.view(read_as)[:, start // read_as.itemsize : stop // read_as.itemsize]
+    # A fresh tensor rather than `.contiguous()`, which keeps the block stride when n == 1.
+    return torch.empty(field.shape, dtype=read_as, device=field.device).copy_(field).view(dtype)
 
 
 def _fits(dtype: torch.dtype, *offsets: int) -> bool:
@@ -124,6 +125,17 @@ def bits_to_bytes(bits32: torch.Tensor) -> torch.Tensor:
     groups.mul_(constant(0x00204081, groups))
     groups.bitwise_and_(constant(byte_pattern(0x01, torch.int32), groups))
     return groups
+
+
+def offset_codes_to_float(codes: torch.Tensor, offset: int, out: torch.Tensor) -> None:
+    """Write `codes - offset` into float32 `out`, for uint8 codes whose difference fits int8.
+
+    Subtracting in uint8 wraps modulo 256, which is exactly the int8 two's complement
+    encoding of the signed quant, so one conversion pass replaces a float conversion
+    followed by a float subtraction. `codes` is modified in place.
+    """
+    codes.sub_(offset)
+    out.copy_(codes.view(torch.int8).view(out.shape))
 
 
 def f16_field(blocks: torch.Tensor, offset: int) -> torch.Tensor:

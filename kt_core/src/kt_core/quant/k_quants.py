@@ -20,18 +20,8 @@ from collections.abc import Mapping
 import torch
 from gguf import GGMLQuantizationType
 
-from kt_core.quant.bit_fields import f16_field, masked, packed_words, unpack_bit_fields
+from kt_core.quant.bit_fields import f16_field, masked, offset_codes_to_float, packed_words, unpack_bit_fields
 from kt_core.quant.block_decoder import BlockDecoder
-
-
-def _offset_codes_to_float(codes: torch.Tensor, offset: int, out: torch.Tensor) -> None:
-    """Write `codes - offset` (uint8 codes, result fits int8) into float32 `out`.
-
-    The uint8 subtraction wraps modulo 256, giving the int8 encoding of the signed
-    quant, so the conversion is a single pass.
-    """
-    codes.sub_(offset)
-    out.copy_(codes.view(torch.int8).view(out.shape))
 
 
 def _bytes_as_float(words: torch.Tensor) -> torch.Tensor:
@@ -81,7 +71,7 @@ def decode_q3_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     n = blocks.shape[0]
     codes = unpack_bit_fields(packed_words(blocks, 32, 96), 2, 4)
     codes.bitwise_or_(unpack_bit_fields(packed_words(blocks, 0, 32), 1, 4, shift_to=2))
-    _offset_codes_to_float(codes.view(torch.uint8), 4, out)
+    offset_codes_to_float(codes.view(torch.uint8), 4, out)
     scale = f16_field(blocks, 108) * _q3_k_scales(packed_words(blocks, 96, 108, torch.int32))
     out.view(n, 16, 16).mul_(scale.unsqueeze(-1))
 
@@ -152,7 +142,7 @@ def decode_q6_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     n = blocks.shape[0]
     codes = unpack_bit_fields(packed_words(blocks, 0, 128), 4, 8)
     codes.bitwise_or_(unpack_bit_fields(packed_words(blocks, 128, 192), 2, 4, shift_to=4))
-    _offset_codes_to_float(codes.view(torch.uint8), 32, out)
+    offset_codes_to_float(codes.view(torch.uint8), 32, out)
     scale = f16_field(blocks, 208) * blocks[:, 192:208].view(torch.int8).to(torch.float32)
     out.view(n, 16, 16).mul_(scale.unsqueeze(-1))
 

@@ -17,25 +17,14 @@ from collections.abc import Mapping
 import torch
 from gguf import GGMLQuantizationType
 
-from kt_core.quant.bit_fields import bits_to_bytes, f16_field, unpack_bit_fields
+from kt_core.quant.bit_fields import bits_to_bytes, f16_field, offset_codes_to_float, unpack_bit_fields
 from kt_core.quant.block_decoder import BlockDecoder
-
-
-def _signed_codes_to_float(codes: torch.Tensor, bias: int, out: torch.Tensor) -> None:
-    """Write `codes - bias` (codes: uint8 in 0..2*bias-1) into float32 `out`.
-
-    Subtracting in uint8 wraps modulo 256, which is exactly the int8 two's complement
-    encoding of the signed quant; converting that int8 view is one pass instead of a
-    float conversion followed by a float subtraction.
-    """
-    codes.sub_(bias)
-    out.copy_(codes.view(torch.int8))
 
 
 def decode_q4_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """Q4_0 (18 bytes: fp16 d, 16 bytes of nibbles): value = d * (q - 8)."""
     codes = unpack_bit_fields(blocks.view(torch.int16)[:, 1:9], 4, 8).view(torch.uint8)
-    _signed_codes_to_float(codes, 8, out)
+    offset_codes_to_float(codes, 8, out)
     out.mul_(f16_field(blocks, 0))
 
 
@@ -69,7 +58,7 @@ def decode_q5_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
     high_bits.bitwise_or_(words[:, 2:3].to(torch.int32).bitwise_left_shift_(16))
     codes = unpack_bit_fields(words[:, 3:11], 4, 8)
     _add_fifth_bits(codes, high_bits)
-    _signed_codes_to_float(codes.view(torch.uint8), 16, out)
+    offset_codes_to_float(codes.view(torch.uint8), 16, out)
     out.mul_(f16_field(blocks, 0))
 
 

@@ -1,0 +1,47 @@
+"""Kwargs of the DeepSeek operators (imported at registration, before any operator is used).
+
+The defaults here are the operators' constructor defaults: a rule passes only the kwargs
+it sets. The model operators take kt-core's `TransferMapKwargs` as they are.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, PositiveInt
+
+from kt_core.operator_kwargs import DTypeName, OperatorKwargs
+
+DEFAULT_MLA_PREFILL_THRESHOLD = 128
+"""Query tokens from which MLA expands keys/values instead of absorbing (see the field)."""
+
+
+class MLAAttentionKwargs(OperatorKwargs):
+    """Kwargs of KDeepseekV2Attention (absorbed multi-head latent attention)."""
+
+    absorb_for_prefill: bool = Field(
+        False,
+        description=(
+            "Use the absorbed form for every call, also long prefills. When false, calls with at "
+            "least prefill_threshold query tokens expand kv_b_proj over the keys instead."
+        ),
+    )
+    prefill_threshold: PositiveInt = Field(
+        DEFAULT_MLA_PREFILL_THRESHOLD,
+        description=(
+            "Number of query tokens in one call from which the non-absorbed form is used (unless "
+            "absorb_for_prefill). Absorbing costs ~(2·kv_lora_rank + rope_dim) per query·key·head, "
+            "expanding ~(nope + rope + v) plus a one-off expansion of every key; for DeepSeek's "
+            "sizes expanding wins from roughly 150 queries on."
+        ),
+    )
+    dtype: DTypeName | None = Field(
+        None,
+        description="Dtype of the absorbed kv_b_proj weights and their matmuls; torch's default dtype when omitted.",
+    )
+
+
+class DeepseekMoEKwargs(OperatorKwargs):
+    """Kwargs of KDeepseekV2MoE / KDeepseekV3MoE: only placement (routing comes from the config)."""
+
+
+class RotaryKwargs(OperatorKwargs):
+    """Kwargs of YarnRotaryEmbedding: only placement (the rope type comes from the config)."""

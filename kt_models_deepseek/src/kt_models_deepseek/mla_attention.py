@@ -1,0 +1,203 @@
+"""`KDeepseekV2Attention`: absorbed multi-head latent attention for DeepSeek-V2/V3.
+
+It replaces transformers' ``DeepseekV2Attention`` / ``DeepseekV3Attention`` and keeps
+their contract: the same forward arguments, the same ``(output, weights)`` return (the
+weights are None), and the same cache contents — the compressed latent ``c_kv`` and the
+rotated ``k_pe``, one "head" each — so a cache filled by one can be read by the other.
+
+What changes is the arithmetic: transformers expands every cached latent into per-head
+keys and values on every call; here ``kv_b_proj`` is split once at load into its key
+and value halves and absorbed into the query and the output (`mla_math`), so decode
+reads only the latents. Calls with many query tokens (prefill) may use the expanded
+form instead, which is cheaper there.
+
+The projections before and after (``q_a_proj``, ``kv_a_proj_with_mqa``, ``o_proj``…) are
+the original's children, called as modules, so rules may replace them (for example
+with quantized linear operators). Only ``kv_b_proj``'s weight is read directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+from kt_core.injected import BaseInjectedModule
+from kt_core.weights.source import WeightSource
+from kt_models_deepseek.kwargs import DEFAULT_MLA_PREFILL_THRESHOLD
+from kt_models_deepseek.mla_math import absorbed_attention, expanded_attention, mla_softmax_scale, split_kv_b
+from kt_models_deepseek.mla_rotary import PositionEmbeddings, apply_mla_rotary
+from kt_models_deepseek.visibility import key_visibility, query_positions
+
+# The positional order of the replaced forward's arguments after hidden_states.
+_V2_ARGS = ("attention_mask", "cache", "position_embeddings")
+_V3_ARGS = ("position_embeddings", "attention_mask", "cache")
+
+
+class KDeepseekV2Attention(BaseInjectedModule):
+    """MLA with ``kv_b_proj`` absorbed; replaces DeepseekV2Attention and DeepseekV3Attention."""
+
+    def __init__(
+        self,
+        key: str,
+        gguf_loader: WeightSource | None,
+        config: PretrainedConfig,
+        orig_module: nn.Module | None = None,
+        generate_device: str = "cpu",
+        prefill_device: str | None = None,
+        absorb_for_prefill: bool = False,
+        prefill_threshold: int = DEFAULT_MLA_PREFILL_THRESHOLD,
+        dtype: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(key, gguf_loader, config, orig_module, generate_device, prefill_device, **kwargs)
+        if orig_module is None:
+            raise TypeError(f"KDeepseekV2Attention at {key} needs the attention module it replaces")
+        self.absorb_for_prefill = absorb_for_prefill
+        self.prefill_threshold = prefill_threshold
+        self.dtype_name = dtype
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.softmax_scale = mla_softmax_scale(config)
+        self.rope_interleave = bool(getattr(config, "rope_interleave", False))
+        self._arg_order = _V3_ARGS if isinstance(orig_module, DeepseekV3Attention) else _V2_ARGS
+        self.w_uk: torch.Tensor | None = None
+        self.w_uv: torch.Tensor | None = None
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> str | None:
+        if not isinstance(module, (DeepseekV2Attention, DeepseekV3Attention)):
+            return (
+                "KDeepseekV2Attention replaces DeepseekV2Attention or DeepseekV3Attention (MLA), "
+                f"not {type(module).__name__}; match '...self_attn' of a DeepSeek model"
+            )
+        return None
+
+    # -- weights ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read ``kv_b_proj.weight`` and split it into W_UK and W_UV (views, no copy)."""
+        if self.gguf_loader is None:
+            raise RuntimeError(f"KDeepseekV2Attention at {self.key} was created without a weight source")
+        dtype = torch.get_default_dtype() if self.dtype_name is None else getattr(torch, self.dtype_name)
+        name = f"{self.key}.kv_b_proj.weight"
+        weight = self.gguf_loader.load(name, dtype=dtype, device=self.device)
+        expected = (self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), self.kv_lora_rank)
+        if tuple(weight.shape) != expected:
+            raise ValueError(
+                f"{self.gguf_loader.description}: {name} has shape {tuple(weight.shape)}, expected {expected}"
+            )
+        self.w_uk, self.w_uv = split_kv_b(weight, self.num_heads, self.qk_nope_head_dim, self.v_head_dim)
+        self._give_to_kept_kv_b(weight)
+
+    def consumed_children(self) -> tuple[str, ...]:
+        """``kv_b_proj`` is read by `load` and absorbed, never called: the runtime must not load it."""
+        return ("kv_b_proj",)
+
+    def _give_to_kept_kv_b(self, weight: torch.Tensor) -> None:
+        """Let a kept, still-unloaded ``kv_b_proj`` child share our tensor instead of loading a copy.
+
+        The child is never called (its halves are absorbed) and is listed in
+        `consumed_children`, but it is still part of the model tree; sharing keeps the
+        tree free of ``meta`` tensors without holding the weight twice.
+        """
+        child = self._modules.get("kv_b_proj")
+        if isinstance(child, nn.Linear) and child.weight.is_meta:
+            child.weight = nn.Parameter(weight, requires_grad=False)
+
+    def unload(self) -> None:
+        self.w_uk = self.w_uv = None
+
+    # -- forward ------------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        """The replaced module's forward: V2 order (mask, cache, position_embeddings) or V3 order."""
+        if len(args) > len(self._arg_order):
+            raise TypeError(
+                f"{type(self).__name__}.forward takes at most {len(self._arg_order) + 1} positional arguments"
+            )
+        for name, value in zip(self._arg_order, args, strict=False):
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__}.forward got multiple values for {name!r}")
+            kwargs[name] = value
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = kwargs.get("past_key_values")  # transformers' deprecated name
+        position_embeddings = kwargs.get("position_embeddings")
+        if position_embeddings is None:
+            raise ValueError(
+                f"{type(self).__name__} at {self.key} needs position_embeddings (computed by the model's rotary_emb)"
+            )
+        output = self._attend(
+            hidden_states, position_embeddings, kwargs.get("attention_mask"), cache, kwargs.get("position_ids")
+        )
+        return output, None
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def _use_absorbed(self, num_queries: int) -> bool:
+        return self.absorb_for_prefill or num_queries < self.prefill_threshold
+
+    def _attend(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: PositionEmbeddings,
+        attention_mask: Any,
+        cache: Any,
+        position_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if self.w_uk is None or self.w_uv is None:
+            raise RuntimeError(f"KDeepseekV2Attention at {self.key} used before load()")
+        out_device = hidden_states.device
+        x = hidden_states.to(self.device)
+        batch, seq_len, _ = x.shape
+
+        q = self._queries(x).view(batch, seq_len, self.num_heads, -1).transpose(1, 2)
+        q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        compressed = self.kv_a_proj_with_mqa(x)
+        kv_nope, k_pe = torch.split(compressed, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(kv_nope).view(batch, 1, seq_len, self.kv_lora_rank)
+        k_pe = k_pe.view(batch, 1, seq_len, self.qk_rope_head_dim)
+        q_pe, k_pe = apply_mla_rotary(q_pe, k_pe, position_embeddings, interleave=self.rope_interleave)
+
+        past = cache.get_seq_length(self.layer_idx) if (cache is not None and position_ids is None) else 0
+        q_positions = query_positions(position_ids, batch, seq_len, past, x.device)
+        if cache is not None:
+            c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
+            # Slots after the last visible position are never attended: skip them.
+            num_keys = min(int(q_positions.max()) + 1, c_kv.shape[-2])
+            c_kv, k_pe = c_kv[:, :, :num_keys], k_pe[:, :, :num_keys]
+            k_positions = torch.arange(num_keys, device=x.device).unsqueeze(0)
+        else:
+            k_positions = q_positions
+        visible = key_visibility(q_positions, k_positions, attention_mask)
+
+        dtype = self.w_uk.dtype
+        attend = absorbed_attention if self._use_absorbed(seq_len) else expanded_attention
+        context = attend(
+            q_nope.to(dtype),
+            q_pe.to(dtype),
+            c_kv.to(device=x.device, dtype=dtype),
+            k_pe.to(device=x.device, dtype=dtype),
+            self.w_uk,
+            self.w_uv,
+            self.softmax_scale,
+            visible,
+        )
+        context = context.to(x.dtype).transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.v_head_dim)
+        return self.o_proj(context).to(out_device)
+
+    def extra_repr(self) -> str:
+        mode = "absorbed" if self.absorb_for_prefill else f"absorbed below {self.prefill_threshold} tokens"
+        return f"{super().extra_repr()}, {mode}"

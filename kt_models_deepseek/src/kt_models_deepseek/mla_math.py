@@ -1,0 +1,100 @@
+"""Multi-head latent attention (MLA) over the compressed cache, in two equivalent forms.
+
+MLA caches per token only ``c_kv`` (the normalized latent, ``kv_lora_rank`` wide) and
+``k_pe`` (the shared rotary key). ``kv_b_proj`` [H·(nope+v), kv_lora] maps the latent
+to each head's key (``W_UK`` [H, nope, kv_lora]) and value (``W_UV`` [H, v, kv_lora]).
+
+- *Absorbed*: ``q_nope·(W_UK c) = (q_nope W_UK)·c``, so queries move into latent space,
+  attention runs directly on the cached latents, and ``W_UV`` is applied once to the
+  latent context. Nothing per key is expanded: the right form for decode, where one
+  query meets many keys.
+- *Expanded*: keys and values are materialized per head from the latents, then
+  ordinary attention runs. Cheaper when many queries share the keys (long prefill).
+
+Both give the same result up to float summation order. Softmax runs in float32 like
+transformers' eager attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention temperature correction for a context stretched by `factor`."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def mla_softmax_scale(config: PretrainedConfig) -> float:
+    """``1/sqrt(qk_head_dim)``, times ``mscale(factor, mscale_all_dim)²`` under YaRN scaling.
+
+    DeepSeek folds YaRN's temperature into the softmax scale (the same rule as
+    transformers' ``yarn_apply_mscale``): with ``mscale_all_dim`` set and a non-default
+    rope type, scores are scaled by the squared mscale.
+    """
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    params: Mapping[str, Any] = getattr(config, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default":
+        mscale_all_dim = params.get("mscale_all_dim", 0)
+        if mscale_all_dim:
+            mscale = yarn_mscale(params["factor"], mscale_all_dim)
+            scale = scale * mscale * mscale
+    return scale
+
+
+def split_kv_b(
+    weight: torch.Tensor, num_heads: int, qk_nope_head_dim: int, v_head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_b_proj.weight`` → (W_UK [H, nope, kv_lora], W_UV [H, v, kv_lora]), views of `weight`."""
+    per_head = weight.view(num_heads, qk_nope_head_dim + v_head_dim, weight.shape[-1])
+    return per_head[:, :qk_nope_head_dim], per_head[:, qk_nope_head_dim:]
+
+
+def _probabilities(scores: torch.Tensor, scale: float, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    logits = (scores * scale).float().masked_fill(~visible, torch.finfo(torch.float32).min)
+    return logits.softmax(dim=-1).to(dtype)
+
+
+def absorbed_attention(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    scale: float,
+    visible: torch.Tensor,
+) -> torch.Tensor:
+    """Per-head context [b, H, s, v] computed in latent space.
+
+    Shapes: `q_nope` [b, H, s, nope], `q_pe` [b, H, s, rope], `c_kv` [b, 1, T, kv_lora],
+    `k_pe` [b, 1, T, rope], `visible` bool [b, 1, s, T] (True where a query sees a key).
+    """
+    q_latent = torch.matmul(q_nope, w_uk)  # [b, H, s, kv_lora]
+    scores = torch.matmul(q_latent, c_kv.transpose(-1, -2)) + torch.matmul(q_pe, k_pe.transpose(-1, -2))
+    probs = _probabilities(scores, scale, visible, c_kv.dtype)
+    context_latent = torch.matmul(probs, c_kv)  # [b, H, s, kv_lora]
+    return torch.matmul(context_latent, w_uv.transpose(-1, -2))
+
+
+def expanded_attention(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    scale: float,
+    visible: torch.Tensor,
+) -> torch.Tensor:
+    """The same context as `absorbed_attention`, with keys and values expanded per head."""
+    k_nope = torch.matmul(c_kv, w_uk.transpose(-1, -2))  # [b, H, T, nope]
+    values = torch.matmul(c_kv, w_uv.transpose(-1, -2))  # [b, H, T, v]
+    scores = torch.matmul(q_nope, k_nope.transpose(-1, -2)) + torch.matmul(q_pe, k_pe.transpose(-1, -2))
+    probs = _probabilities(scores, scale, visible, values.dtype)
+    return torch.matmul(probs, values)

@@ -1,0 +1,52 @@
+"""Which keys each query may attend to, from positions (and a padding mask when given).
+
+kt's attention masks by position rather than relying on a precomputed mask: a key at
+position (or static-cache slot) ``j`` is visible to a query at position ``p`` iff
+``j <= p``. That rule is right for prefill, decode and a static cache whose unwritten
+slots hold zeros, and needs nothing from the caller beyond ``position_ids``. A 4-D mask
+that transformers built (``create_causal_mask``: boolean, or additive with 0 where
+visible) is combined with it, so padding still hides keys; other mask forms (flex
+attention's BlockMask) are not read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def query_positions(
+    position_ids: torch.Tensor | None, batch: int, seq_len: int, past: int | torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """[batch, seq_len] positions: `position_ids` broadcast to the batch, else past + 0..seq_len-1."""
+    if position_ids is None:
+        positions = torch.arange(seq_len, device=device) + torch.as_tensor(past, device=device)
+        return positions.unsqueeze(0).expand(batch, seq_len)
+    positions = position_ids.to(device)
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0)
+    if positions.shape[-1] != seq_len:
+        raise ValueError(f"position_ids cover {positions.shape[-1]} tokens but the call has {seq_len}")
+    return positions.expand(batch, seq_len)
+
+
+def key_visibility(q_positions: torch.Tensor, k_positions: torch.Tensor, attention_mask: Any = None) -> torch.Tensor:
+    """Boolean [batch, 1, s, T]: True where query i (at `q_positions`) sees key j (at `k_positions`).
+
+    `k_positions` is [batch or 1, T]. A 4-D tensor `attention_mask` whose last dimension
+    indexes the same keys (it may be longer, as for a static cache) further restricts it.
+    """
+    visible = k_positions[:, None, None, :] <= q_positions[:, None, :, None]
+    if not isinstance(attention_mask, torch.Tensor):
+        return visible
+    if attention_mask.dim() != 4:
+        raise ValueError(
+            f"expected a 4-D attention mask [batch, 1, queries, keys], got shape {tuple(attention_mask.shape)}"
+        )
+    num_keys = k_positions.shape[-1]
+    if attention_mask.shape[-1] < num_keys:
+        raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {num_keys}")
+    mask = attention_mask[..., :num_keys].to(visible.device)
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    return visible & allowed

@@ -1,0 +1,203 @@
+"""`kt generate` end to end against transformers' own forward on the same weights.
+
+Greedy tokens must be identical: the injected model computes in float32 like the
+reference and differs only in summation order (errors ~1e-6 on logits of magnitude ~1),
+far below the gaps between top logits of these random models (checked once per case
+when writing the test; a near-tie would show up as a deterministic failure here, not a
+flake, since both sides are deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import MODELS, hf_greedy, make_model_dir
+
+from kt_core.cli.main import main
+from kt_core.plugins import get_registry
+from kt_core.runtime.generate import Session
+from kt_core.runtime.model_source import open_model
+
+PROMPT = "Mixture-of-Experts models route every token"
+STEPS = 32
+QWEN = ["qwen2-moe", "qwen3-moe"]
+ALL = list(MODELS)
+
+
+def kt_json(capsys, *args: str) -> dict:
+    assert main(list(args)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_generate_safetensors_matches_transformers(kind, tmp_path_factory, tokenizer, capsys):
+    path, model, rules = make_model_dir(kind, tmp_path_factory, tokenizer)
+    out = kt_json(capsys, "generate", "--model", str(path), "--rules", rules, "--prompt", PROMPT,
+                  "--max-new-tokens", str(STEPS), "--dtype", "float32", "--json")
+    ids = tokenizer.encode(PROMPT)
+    assert out["prompt_tokens"] == len(ids)
+    assert out["tokens"] == hf_greedy(model, ids, STEPS)
+    assert out["text"] == tokenizer.decode(out["tokens"], skip_special_tokens=True)
+    assert out["decode_tokens_per_s"] > 0 and out["prefill_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_generate_from_converted_gguf(kind, tmp_path_factory, tokenizer, capsys):
+    path, model, rules = make_model_dir(kind, tmp_path_factory, tokenizer)
+    ids = tokenizer.encode(PROMPT)
+    expected = hf_greedy(model, ids, STEPS)
+    f32 = path / "model-F32.gguf"
+    assert main(["convert", str(path), str(f32), "--type", "F32"]) == 0
+    capsys.readouterr()
+    out = kt_json(capsys, "generate", "--gguf", str(f32), "--rules", rules, "--prompt", PROMPT,
+                  "--max-new-tokens", str(STEPS), "--dtype", "float32", "--json")
+    assert out["tokens"] == expected  # config and tokenizer came from the GGUF alone
+
+
+@pytest.mark.parametrize("kind", ["qwen2-moe", "deepseek-v2-lite", "deepseek-v3"])
+def test_q8_0_gguf_matches_transformers_on_dequantized_weights(kind, tmp_path_factory, tokenizer, capsys):
+    path, model, rules = make_model_dir(kind, tmp_path_factory, tokenizer)
+    q8 = path / "model-Q8_0.gguf"
+    assert main(["convert", str(path), str(q8), "--type", "Q8_0"]) == 0
+    capsys.readouterr()
+    # Reference: transformers' model holding exactly the dequantized weights (gguf-py-tested dequantize).
+    source = open_model(None, str(q8), get_registry()).source
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(source.load(name, dtype=torch.float32))
+    ids = tokenizer.encode(PROMPT)
+    out = kt_json(capsys, "generate", "--gguf", str(q8), "--rules", rules, "--prompt", PROMPT,
+                  "--max-new-tokens", "16", "--dtype", "float32", "--json")
+    assert out["tokens"] == hf_greedy(model, ids, 16)
+
+
+def test_prefix_reuse_gives_the_same_logits(tmp_path_factory, tokenizer):
+    from kt_core.rules import load_rules
+    from kt_core.rules.shipped import find_rule_file
+    from kt_core.runtime.load import load_model
+
+    path, model, rules = make_model_dir("qwen2-moe", tmp_path_factory, tokenizer)
+    registry = get_registry()
+    inputs = open_model(str(path), None, registry)
+    loaded = load_model(inputs.config, load_rules(find_rule_file(rules), registry), inputs.source, registry,
+                        dtype=torch.float32, show_progress=False)
+    first = tokenizer.encode("User: hello there\n\nAssistant: hi")
+    second = first + tokenizer.encode(" and more text after it")
+    session = Session(loaded.model, loaded.config, 256)
+    session.prefill(first)
+    logits_reused, reused = session.prefill(second)
+    assert reused == len(first)
+    fresh, _ = Session(loaded.model, loaded.config, 256).prefill(second)
+    torch.testing.assert_close(logits_reused, fresh, rtol=0, atol=1e-5)
+    # A different continuation rewinds the cache to the common prefix.
+    third = first[:4] + tokenizer.encode(" something else")
+    logits_third, reused_third = session.prefill(third)
+    assert reused_third == 4
+    with torch.no_grad():
+        expected = model(torch.tensor([third])).logits[0, -1]
+    torch.testing.assert_close(logits_third, expected, rtol=0, atol=1e-4)
+
+
+def test_sampling_options(tmp_path_factory, tokenizer, capsys):
+    path, model, rules = make_model_dir("qwen3-moe", tmp_path_factory, tokenizer)
+    base = ["generate", "--model", str(path), "--rules", rules, "--prompt", PROMPT, "--max-new-tokens", "12",
+            "--dtype", "float32", "--json"]
+    greedy = kt_json(capsys, *base)["tokens"]
+    assert kt_json(capsys, *base, "--temperature", "0.8", "--top-k", "1", "--seed", "3")["tokens"] == greedy
+    assert kt_json(capsys, *base, "--temperature", "0.8", "--top-p", "0.000001", "--seed", "3")["tokens"] == greedy
+    a = kt_json(capsys, *base, "--temperature", "1.5", "--seed", "7")["tokens"]
+    b = kt_json(capsys, *base, "--temperature", "1.5", "--seed", "7")["tokens"]
+    assert a == b  # seeded sampling is reproducible
+    c = kt_json(capsys, *base, "--temperature", "1.5", "--seed", "8")["tokens"]
+    assert c != a
+
+
+def test_stop_string(tmp_path_factory, tokenizer, capsys):
+    path, model, rules = make_model_dir("qwen3-moe", tmp_path_factory, tokenizer)
+    base = ["generate", "--model", str(path), "--rules", rules, "--prompt", PROMPT, "--max-new-tokens", "24",
+            "--dtype", "float32", "--json"]
+    full = kt_json(capsys, *base)
+    stop = full["text"][5:8]
+    cut = kt_json(capsys, *base, "--stop", stop)
+    assert cut["stop_reason"] == "stop_string"
+    assert cut["text"] == full["text"][: full["text"].index(stop)]
+
+
+def test_bench_json(tmp_path_factory, tokenizer, capsys):
+    path, _, rules = make_model_dir("qwen2-moe", tmp_path_factory, tokenizer)
+    report = kt_json(capsys, "bench", "--model", str(path), "--rules", rules, "--prompt-len", "16", "--gen-len", "4",
+                     "--dtype", "float32", "--json")
+    assert {"prefill_tokens_per_s", "decode_tokens_per_s", "load_seconds", "peak_rss_mib"} <= set(report)
+    assert report["decode_tokens_per_s"] > 0
+
+
+def test_missing_weights_are_listed_in_one_error(tmp_path_factory, tokenizer, capsys):
+    from safetensors.torch import load_file, save_file
+
+    path, _, rules = make_model_dir("qwen2-moe", tmp_path_factory, tokenizer)
+    weights = path / "model.safetensors"
+    tensors = load_file(weights)
+    dropped = sorted(k for k in tensors if k.startswith("model.layers.1.self_attn."))
+    for name in dropped:
+        del tensors[name]
+    tensors["model.norm.weight"] = torch.ones(3)
+    save_file(tensors, weights)
+    assert main(["generate", "--model", str(path), "--rules", rules, "--prompt", "x", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert f"missing tensors ({len(dropped)})" in err and dropped[0] in err
+    assert "model.norm.weight: source has (3,), model expects (" in err
+
+
+def test_all_kinds_have_shipped_rules():
+    from kt_core.rules.shipped import shipped_rule_files
+
+    assert {rules for _, _, rules in MODELS.values()} <= set(shipped_rule_files())
+
+
+def test_older_deepseek_gguf_with_attn_kv_b_loads(tmp_path_factory, tokenizer, capsys):
+    """Older llama.cpp DeepSeek GGUFs carry attn_kv_b instead of the split attn_k_b/attn_v_b."""
+    from kt_core.convert import write_gguf
+    from kt_core.weights.gguf_file import open_gguf
+    from kt_core.weights.safetensors_source import SafetensorsSource
+
+    path, model, rules = make_model_dir("deepseek-v2", tmp_path_factory, tokenizer)
+    registry = get_registry()
+    family = registry.family_for_model_type("deepseek_v2")
+    # The names of a current-form file, with each layer's attn_k_b/attn_v_b pair replaced by attn_kv_b.
+    current = {n for m in family.name_map(model.config, None) for n in m.gguf_names}
+    old_names = frozenset(
+        {n for n in current if not n.endswith(("attn_k_b.weight", "attn_v_b.weight"))}
+        | {f"blk.{i}.attn_kv_b.weight" for i in range(model.config.num_hidden_layers)}
+    )
+    old = path / "old-form.gguf"
+    write_gguf(old, SafetensorsSource(path), model.config, registry, ggml_type="F32", tokenizer=tokenizer,
+               name_map=family.name_map(model.config, old_names), show_progress=False)
+    names = set(open_gguf(old).tensors)
+    assert "blk.0.attn_kv_b.weight" in names and "blk.0.attn_k_b.weight" not in names
+    out = kt_json(capsys, "generate", "--gguf", str(old), "--rules", rules, "--prompt", PROMPT,
+                  "--max-new-tokens", str(STEPS), "--dtype", "float32", "--json")
+    assert out["tokens"] == hf_greedy(model, tokenizer.encode(PROMPT), STEPS)
+
+
+def test_two_gpu_rules_remapped_to_cpu_give_the_cpu_tokens(tmp_path_factory, tokenizer, capsys):
+    """The shipped two-GPU file (transfer_map) and a tiny-model variant, both remapped to the CPU."""
+    path, model, _ = make_model_dir("deepseek-v2-lite", tmp_path_factory, tokenizer)
+    base = ["generate", "--model", str(path), "--prompt", PROMPT, "--max-new-tokens", "16", "--dtype", "float32", "--json"]
+    cpu = kt_json(capsys, *base, "--rules", "deepseek-v2-lite-cpu")["tokens"]
+    remap = ["--device-map", "cuda:0=cpu", "--device-map", "cuda:1=cpu"]
+    # The shipped file splits DeepSeek-V2-Lite's 27 layers at 14: on a 3-layer model that is a user error.
+    assert main([*base, "--rules", "deepseek-v2-lite-2gpu", *remap]) == 2
+    assert "transfer_map names layer(s) [14], but the model has 3 layers" in capsys.readouterr().err
+    assert kt_json(capsys, *base, "--rules", "deepseek-v2-lite-gpu", "--device-map", "cuda=cpu")["tokens"] == cpu
+    # The same file with the split moved to layer 1 for the tiny model.
+    from kt_core.rules.shipped import find_rule_file
+
+    text = find_rule_file("deepseek-v2-lite-2gpu").read_text()
+    tiny = text.replace("14: \"cuda:1\"", "1: \"cuda:1\"").replace("(0|[1-9]|1[0-3])", "(0)").replace(
+        "(1[4-9]|[2-9][0-9])", "([1-9][0-9]*)")
+    assert tiny != text
+    tiny_rules = path / "tiny-2gpu.yaml"
+    tiny_rules.write_text(tiny)
+    assert kt_json(capsys, *base, "--rules", str(tiny_rules), *remap)["tokens"] == cpu
