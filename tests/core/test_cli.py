@@ -35,7 +35,7 @@ def test_explain_json_shape(capsys):
     assert (experts["rule"], experts["operator"], experts["device"]) == (2, "KTransformersExperts", "cpu")
     assert by_module["model.layers.5.self_attn"]["operator"] == "KDeepseekV2Attention"
     assert by_module["model.layers.5.self_attn.kv_b_proj"]["operator"] == "default"
-    assert by_module["model.norm"]["rule"] is None
+    assert by_module["model.layers"]["rule"] is None  # no rule: inherited
     assert len([r for r in rows if r["module"].endswith("mlp.experts")]) == 26  # layer 0 is dense
 
 
