@@ -201,3 +201,63 @@ def test_two_gpu_rules_remapped_to_cpu_give_the_cpu_tokens(tmp_path_factory, tok
     tiny_rules = path / "tiny-2gpu.yaml"
     tiny_rules.write_text(tiny)
     assert kt_json(capsys, *base, "--rules", str(tiny_rules), *remap)["tokens"] == cpu
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_loaded_model_logits_match_transformers_for_prompt_and_decode(kind, tmp_path_factory, tokenizer):
+    """Through the whole runtime (meta build, rules, load from safetensors, static cache).
+
+    Tolerance: float32 on both sides; absorbed MLA and grouped experts change summation
+    order only, giving ~1e-6 differences on logits of magnitude ~1 — atol 1e-4 leaves wide
+    headroom while any wrong weight, mask or cache slot shifts logits by >1e-2.
+    """
+    from kt_core.rules import load_rules
+    from kt_core.rules.shipped import find_rule_file
+    from kt_core.runtime.load import load_model
+
+    path, model, rules = make_model_dir(kind, tmp_path_factory, tokenizer)
+    registry = get_registry()
+    inputs = open_model(str(path), None, registry)
+    loaded = load_model(inputs.config, load_rules(find_rule_file(rules), registry), inputs.source, registry,
+                        dtype=torch.float32, show_progress=False)
+    ids = tokenizer.encode(PROMPT)
+    session = Session(loaded.model, loaded.config, 128)
+    logits, _ = session.prefill(ids)
+    seq = list(ids)
+    with torch.no_grad():
+        for step in range(4):
+            expected = model(torch.tensor([seq])).logits[0, -1]
+            torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4, msg=f"step {step}")
+            token = int(expected.argmax())
+            seq.append(token)
+            logits = session.decode(token)
+
+
+def test_chat_keeps_the_cache_between_turns(tmp_path_factory, tokenizer):
+    import subprocess
+    import sys
+
+    path, _, rules = make_model_dir("qwen3-moe", tmp_path_factory, tokenizer)
+    result = subprocess.run(
+        [sys.executable, "-m", "kt_core.cli.main", "chat", "--model", str(path), "--rules", rules,
+         "--max-new-tokens", "6", "--dtype", "float32"],
+        input="hello there\nand a second question\n\n", capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("kt> ") == 2
+    reuse = [line for line in result.stderr.splitlines() if line.startswith("[reused")]
+    assert len(reuse) == 2
+    assert reuse[0].startswith("[reused 0/")
+    second_reused = int(reuse[1].split()[1].split("/")[0])
+    assert second_reused > 0  # the first turn's tokens came from the cache
+
+
+def test_demo_runs_from_an_empty_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KT_CACHE", str(tmp_path))
+    assert main(["demo", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "KTransformersExperts [generate_op=KExpertsTorch]" in out
+    assert "decode" in out and "tok/s" in out
+    assert len(list(tmp_path.glob("*.gguf"))) == 1
+    assert main(["demo", "--max-new-tokens", "4"]) == 0  # second run reuses the cached file
+    assert "building the demo model" not in capsys.readouterr().err

@@ -7,6 +7,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Mapping
 
 from kt_core.errors import KtUserError
 from kt_core.runtime.generate import Session, generate
@@ -68,6 +69,16 @@ def _runtime(args: argparse.Namespace, quiet: bool = False):
                         dtype=args.dtype, threads=args.threads, quiet=quiet)
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` rendered by the tokenizer's chat template, ready for the reply."""
+    if tokenizer.chat_template is None:
+        raise KtUserError("this model's tokenizer has no chat template")
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(rendered, Mapping):  # a BatchEncoding in transformers 5
+        rendered = rendered["input_ids"]
+    return [int(i) for i in rendered]
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -77,9 +88,7 @@ def run_generate(args: argparse.Namespace) -> int:
     rt = _runtime(args, quiet=args.json)
     tok = rt.tokenizer
     if args.chat_template:
-        prompt_ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True)
-        if isinstance(prompt_ids, dict):
-            prompt_ids = prompt_ids["input_ids"]
+        prompt_ids = chat_prompt_ids(tok, [{"role": "user", "content": args.prompt}])
     else:
         prompt_ids = tok.encode(args.prompt)
     session = Session(rt.loaded.model, rt.loaded.config, args.max_length)
@@ -120,9 +129,7 @@ def run_chat(args: argparse.Namespace) -> int:
         if not line:
             return 0
         messages.append({"role": "user", "content": line})
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict):
-            ids = ids["input_ids"]
+        ids = chat_prompt_ids(tok, messages)
         print("kt> ", end="", flush=True)
         result = generate(
             session, list(ids), max_new_tokens=args.max_new_tokens, sampling=sampling,

@@ -90,11 +90,11 @@ def unpack_bit_fields(words: torch.Tensor, width: int, group_words: int, shift_t
     """Split every byte of `words` into its `8 // width` bit fields, group by group.
 
     `words` is a `(n, m)` word tensor, contiguous unless `group_words == m` (then
-    strided rows, such as a field viewed in place inside the blocks, are fine); it is
-    cut into groups of `group_words`
-    consecutive words, and for each group the result holds field 0 of all its bytes,
-    then field 1, and so on (field `f` is bits `width*f .. width*f + width - 1`), each
-    moved to bit `shift_to` of its byte lane. Returns `(n, m * 8 // width)` words.
+    strided rows, such as a field viewed in place inside the blocks, are fine). It is
+    cut into groups of `group_words` consecutive words, and for each group the result
+    holds field 0 of all its bytes, then field 1, and so on (field `f` is bits
+    `width*f .. width*f + width - 1`), each moved to bit `shift_to` of its byte lane.
+    Returns a new contiguous `(n, m * 8 // width)` tensor of the same word type.
 
     This is exactly GGML's packing: e.g. Q4_K stores sub-block `2j` in the low nibbles
     of 32-byte group `j` and sub-block `2j + 1` in the high nibbles, so with 4-word

@@ -110,12 +110,29 @@ def check_source(model: nn.Module, source: WeightSource, config: PretrainedConfi
             lines += [f"    {m}" for m in mismatched[:12]]
         lines.append("Check that the weights belong to this model and config.")
         raise KtUserError("\n".join(lines))
-    modules = {name for name, _ in model.named_modules()}
-    unexpected = sorted(n for n in source.names() if n.rpartition(".")[0] not in modules)
+    modules = dict(model.named_modules())
+    unexpected = sorted(n for n in source.names() if not _belongs_to(n, modules))
     if not unexpected:
         return []
     shown = ", ".join(unexpected[:6]) + (" …" if len(unexpected) > 6 else "")
     return [f"{source.description}: {len(unexpected)} tensors are not used by the model: {shown}"]
+
+
+def _belongs_to(name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether a source tensor is part of the model, possibly stored differently.
+
+    Checkpoints store experts one by one (``mlp.experts.3.up_proj.weight``) where the model
+    holds them stacked: such a name's deepest existing ancestor is a module with tensors
+    of its own. A name under a module that does not exist at all (a layer beyond the
+    model's, an extra prediction head) ends at a container with no tensors of its own.
+    """
+    path = name.rpartition(".")[0]
+    while path and path not in modules:
+        path = path.rpartition(".")[0]
+    if path == name.rpartition(".")[0]:
+        return True
+    owner = modules.get(path)
+    return owner is not None and any(True for _ in owner.parameters(recurse=False))
 
 
 def _tied_name(full: str, config: PretrainedConfig, source: WeightSource) -> str:
