@@ -1,0 +1,82 @@
+"""`kt convert`: tiny random models → GGUF → read back through kt and through gguf-py.
+
+F32 files must give back the exact weights. Quantized files are bounded by the formats'
+own error (the per-type bounds are established in test_quantize.py; here the check is
+that the converter picks types as llama.cpp does and that values come back close).
+"""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+from tiny_models import deepseek_v2_config, deepseek_v3_config, qwen2_moe_config, qwen3_moe_config, random_model
+
+from kt_core.cli.main import main
+from kt_core.demo.tokenizer import build_demo_tokenizer
+from kt_core.plugins import get_registry
+from kt_core.runtime.model_source import open_model
+
+CONFIGS = {
+    "deepseek-v2": deepseek_v2_config,
+    "deepseek-v2-lite": lambda **kw: deepseek_v2_config(q_lora_rank=None, **kw),
+    "deepseek-v3": deepseek_v3_config,
+    "qwen2-moe": qwen2_moe_config,
+    "qwen3-moe": qwen3_moe_config,
+}
+
+
+def saved(kind: str, tmp_path, **overrides):
+    tokenizer = build_demo_tokenizer()
+    model = random_model(CONFIGS[kind](vocab_size=len(tokenizer), **overrides))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_f32_round_trip_is_exact(kind, tmp_path):
+    model, tokenizer = saved(kind, tmp_path)
+    out = tmp_path / "m.gguf"
+    assert main(["convert", str(tmp_path), str(out), "--type", "F32"]) == 0
+    inputs = open_model(None, str(out), get_registry())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(inputs.source.load(name, dtype=torch.float32), tensor), name
+    assert inputs.tokenizer.encode("route every token") == tokenizer.encode("route every token")
+
+
+def test_quantized_types_follow_llama_cpp_conventions(tmp_path):
+    # hidden 256 so rows divide into K-quant super-blocks; moe_intermediate 96 does not (falls back).
+    model, _ = saved("deepseek-v2-lite", tmp_path, hidden_size=256, moe_intermediate_size=96, intermediate_size=512)
+    out = tmp_path / "q4k.gguf"
+    assert main(["convert", str(tmp_path), str(out), "--type", "Q4_K"]) == 0
+    reader = gguf.GGUFReader(out)  # the independent reader
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.1.ffn_gate_exps.weight"] == "Q4_K"  # rows of 256
+    assert types["blk.1.ffn_down_exps.weight"] == "Q8_0"  # rows of 96: K-quant impossible, 32-blocks fit
+    assert types["blk.1.attn_norm.weight"] == "F32"
+    assert types["blk.1.ffn_gate_inp.weight"] == "F32"  # the router stays F32, as in llama.cpp
+    fields = {f.name for f in reader.fields.values()}
+    assert {"general.architecture", "deepseek2.block_count", "deepseek2.expert_count", "tokenizer.ggml.tokens",
+            "general.file_type", "general.quantization_version"} <= fields
+    source = open_model(None, str(out), get_registry()).source
+    for name, tensor in model.state_dict().items():
+        got = source.load(name, dtype=torch.float32)
+        rel = (got - tensor).norm() / tensor.norm()
+        assert rel < 0.12, (name, float(rel))  # Q4_K on gaussian weights: ~7-8% relative RMS
+
+
+def test_refuses_to_overwrite_without_force(tmp_path, capsys):
+    saved("qwen3-moe", tmp_path)
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    assert main(["convert", str(tmp_path), str(out), "--type", "F16"]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+    assert main(["convert", str(tmp_path), str(out), "--type", "F16", "--force"]) == 0
+    assert out.stat().st_size > 1000
+
+
+def test_not_a_model_directory(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x.gguf")]) == 2
+    assert "not a directory" in capsys.readouterr().err
