@@ -17,7 +17,13 @@ from collections.abc import Mapping
 import torch
 from gguf import GGMLQuantizationType
 
-from kt_core.quant.bit_fields import bits_to_bytes, f16_field, offset_codes_to_float, unpack_bit_fields
+from kt_core.quant.bit_fields import (
+    bits_to_bytes,
+    f16_field,
+    offset_codes_to_float,
+    packed_words,
+    unpack_bit_fields,
+)
 from kt_core.quant.block_decoder import BlockDecoder
 
 
@@ -50,14 +56,11 @@ def _add_fifth_bits(codes: torch.Tensor, high_bits: torch.Tensor) -> None:
 def decode_q5_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """Q5_0 (22 bytes: fp16 d, u32 high bits, 16 bytes of nibbles): value = d * (q - 16).
 
-    The block is only 2-byte aligned, so the 32-bit high-bit word is rebuilt from its
-    two 16-bit halves.
+    The block is only 2-byte aligned, so the 32-bit high-bit word is copied out (as
+    two int16s) before it is read as an int32.
     """
-    words = blocks.view(torch.int16)
-    high_bits = words[:, 1:2].to(torch.int32).bitwise_and_(0xFFFF)
-    high_bits.bitwise_or_(words[:, 2:3].to(torch.int32).bitwise_left_shift_(16))
-    codes = unpack_bit_fields(words[:, 3:11], 4, 8)
-    _add_fifth_bits(codes, high_bits)
+    codes = unpack_bit_fields(blocks.view(torch.int16)[:, 3:11], 4, 8)
+    _add_fifth_bits(codes, packed_words(blocks, 2, 6, torch.int32))
     offset_codes_to_float(codes.view(torch.uint8), 16, out)
     out.mul_(f16_field(blocks, 0))
 
