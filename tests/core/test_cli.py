@@ -150,3 +150,12 @@ def test_schema_validates_shipped_rules_and_rejects_typos(tmp_path, capsys):
     dummy_ok = [{"match": {"name": "x"}, "replace": {"class": "DummyScaledModule", "kwargs": {"factor": 2}}}]
     assert validator.is_valid(dummy_ok)
     assert "KLinearDummyOffset" in json.dumps(schema)  # third-party backends are in the schema
+
+
+def test_explain_shows_device_notes_of_backends(capsys):
+    """Marlin on the CPU runs the same int4 weights through a CPU path, and explain says so."""
+    args = ["rules", "explain", "deepseek-v2-lite-gpu-marlin", "--model", BUILTIN_MODELS[0]]
+    assert main([*args, "--device-map", "cuda=cpu"]) == 0
+    assert "generate_op=KLinearMarlin (int4, CPU path)" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "generate_op=KLinearMarlin (int4, Triton kernel)" in capsys.readouterr().out

@@ -128,17 +128,16 @@ def test_unknown_match_class_did_you_mean(rules_from):
     assert "match.class: unknown class 'torch.nn.Linaer'; did you mean 'torch.nn.Linear'" in error
 
 
-def test_known_operator_of_missing_plugin_names_the_distribution(rules_from):
-    (error,) = errors_of(
-        rules_from,
-        """
-        - match: {name: "experts$"}
-          replace:
-            class: KTransformersExperts
-            kwargs: {generate_op: KExpertsMarlin}
-        """,
-    )
-    assert "'KExpertsMarlin' belongs to kt-ops-marlin" in error or "provided by kt-ops-marlin" in error
+def test_known_operator_of_missing_plugin_names_the_distribution():
+    from kt_core.plugins import load_plugins
+    from kt_core.rules import parse_rules
+
+    without_marlin = load_plugins(allow=frozenset({"kt-ops-torch"})).registry
+    with pytest.raises(RuleFileError) as info:
+        parse_rules("- match: {name: experts$}\n  replace: {class: KTransformersExperts, kwargs: {generate_op: KExpertsMarlin}}\n",
+                    without_marlin, "rules.yaml")
+    assert "'KExpertsMarlin' is provided by kt-ops-marlin, which is not installed" in str(info.value)
+    assert "pip install kt-ops-marlin" in str(info.value)
 
 
 def test_retired_ktransformers_name_is_explained(rules_from):

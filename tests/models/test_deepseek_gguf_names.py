@@ -8,16 +8,21 @@ tensors must compute the same logits as the original.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from gguf_name_checks import (
+    assert_keep_f32_marks_what_llama_cpp_keeps_in_f32,
+    assert_rebuilt_model_computes_the_same_logits,
+    assert_round_trips_exactly,
+    assert_tied_embeddings_write_no_output_and_read_token_embd,
+    config_from_json,
+    shipped_configs,
+    to_gguf,
+    to_hf,
+)
 from tiny_models import deepseek_v2_config, deepseek_v3_config, random_model
-from transformers import AutoConfig
 
 from kt_core.errors import KtUserError
-from kt_core.weights.name_map import NameMap
 from kt_models_deepseek import gguf_config
 from kt_models_deepseek.gguf_config import config_from_gguf, gguf_metadata
 from kt_models_deepseek.gguf_names import VIRTUAL_EXPERT_NAMES, name_map
@@ -52,25 +57,6 @@ def _model(config):
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(0.1 * torch.randn_like(buffer))
     return model
-
-
-def to_gguf(nm: NameMap, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for mapping in nm:
-        if mapping.hf_name not in state:
-            continue
-        parts = mapping.to_gguf(state[mapping.hf_name])
-        assert len(parts) == len(mapping.gguf_names)
-        for name, tensor in zip(mapping.gguf_names, parts, strict=True):
-            assert name not in out, f"{name} written twice"
-            out[name] = tensor
-    return out
-
-
-def to_hf(nm: NameMap, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        m.hf_name: m.to_hf([tensors[g] for g in m.gguf_names]) for m in nm if all(g in tensors for g in m.gguf_names)
-    }
 
 
 def expected_gguf_shapes(c) -> dict[str, tuple[int, ...]]:
@@ -151,10 +137,7 @@ def test_gguf_names_and_shapes_are_what_llama_cpp_loads(case):
 
 def test_to_gguf_then_to_hf_round_trips_exactly(case):
     config, _, state = case
-    tensors = to_gguf(name_map(config, None), state)
-    back = to_hf(name_map(config, frozenset(tensors)), tensors)
-    for name, tensor in state.items():
-        assert torch.equal(back[name], tensor), name
+    _, back = assert_round_trips_exactly(name_map, config, state)
     for i in range(config.first_k_dense_replace, config.num_hidden_layers):
         prefix = f"model.layers.{i}.mlp.experts."
         gate_up = state[prefix + "gate_up_proj"]
@@ -193,12 +176,7 @@ def test_legacy_attn_kv_b_files_are_read(case, keep_split):
 
 def test_keep_f32_marks_what_llama_cpp_keeps_in_f32(case):
     config, _, state = case
-    nm = name_map(config, None)
-    tensors = to_gguf(nm, state)
-    for mapping in nm:
-        gguf = mapping.gguf_names[0]
-        f32 = tensors[gguf].dim() == 1 or "norm" in gguf or ".ffn_gate_inp." in gguf
-        assert mapping.keep_f32 == f32, gguf
+    assert_keep_f32_marks_what_llama_cpp_keeps_in_f32(name_map(config, None), state, ".ffn_gate_inp.")
 
 
 FORWARD_FIELDS = (
@@ -248,26 +226,18 @@ def test_metadata_round_trip_keeps_the_forward_pass_fields(case):
     assert_same_forward_config(config, config_from_gguf(gguf_metadata(config)))
 
 
-SHIPPED_CONFIGS = sorted((Path(gguf_config.__file__).parent / "configs").glob("*.json"))
+SHIPPED_CONFIGS = shipped_configs(gguf_config)
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_survive_the_metadata_round_trip(path):
-    data = json.loads(path.read_text(encoding="utf-8"))
-    config = type(AutoConfig.for_model(data["model_type"])).from_dict(data)
+    config = config_from_json(path)
     assert_same_forward_config(config, config_from_gguf(gguf_metadata(config)))
 
 
 def test_model_rebuilt_from_gguf_computes_the_same_logits(case):
     config, model, state = case
-    tensors = to_gguf(name_map(config, None), state)
-    rebuilt_config = config_from_gguf(gguf_metadata(config))
-    rebuilt = type(model)(rebuilt_config).eval()
-    loaded = to_hf(name_map(rebuilt_config, frozenset(tensors)), tensors)
-    rebuilt.load_state_dict({k: loaded[k] for k in rebuilt.state_dict()}, strict=True)
-    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert_rebuilt_model_computes_the_same_logits(name_map, config_from_gguf, gguf_metadata, config, model, state)
 
 
 def test_rope_permutation_is_needed_for_non_interleaved_v3():
@@ -304,11 +274,7 @@ def test_attention_biases_are_mapped(config):
 
 
 def test_tied_embeddings_write_no_output_and_read_token_embd():
-    config = deepseek_v2_config(tie_word_embeddings=True)
-    assert "lm_head.weight" not in name_map(config, None)
-    names = frozenset(m for mapping in name_map(config, None) for m in mapping.gguf_names)
-    assert "output.weight" not in names
-    assert name_map(config, names).get("lm_head.weight").gguf_names == ("token_embd.weight",)
+    assert_tied_embeddings_write_no_output_and_read_token_embd(name_map, deepseek_v2_config(tie_word_embeddings=True))
 
 
 def test_legacy_metadata_without_mla_keys_or_gating_is_read_as_v2():

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from gguf_name_checks import (
+    assert_keep_f32_marks_what_llama_cpp_keeps_in_f32,
+    assert_rebuilt_model_computes_the_same_logits,
+    assert_round_trips_exactly,
+    assert_tied_embeddings_write_no_output_and_read_token_embd,
+    config_from_json,
+    shipped_configs,
+    to_gguf,
+    to_hf,
+)
 from tiny_models import qwen2_moe_config, qwen3_moe_config, random_model
-from transformers import AutoConfig
 
 from kt_core.errors import KtUserError
-from kt_core.weights.name_map import NameMap
 from kt_models_qwen import gguf_config
 from kt_models_qwen.gguf_config import config_from_gguf, gguf_metadata
 from kt_models_qwen.gguf_names import VIRTUAL_EXPERT_NAMES, name_map
@@ -23,22 +28,6 @@ CASES = {
     "qwen3moe": lambda: qwen3_moe_config(),
     "qwen3moe-yarn": lambda: qwen3_moe_config(rope_parameters=YARN),
 }
-
-
-def to_gguf(nm: NameMap, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for mapping in nm:
-        if mapping.hf_name in state:
-            for name, tensor in zip(mapping.gguf_names, mapping.to_gguf(state[mapping.hf_name]), strict=True):
-                assert name not in out, f"{name} written twice"
-                out[name] = tensor
-    return out
-
-
-def to_hf(nm: NameMap, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        m.hf_name: m.to_hf([tensors[g] for g in m.gguf_names]) for m in nm if all(g in tensors for g in m.gguf_names)
-    }
 
 
 def expected_gguf_shapes(c) -> dict[str, tuple[int, ...]]:
@@ -108,10 +97,7 @@ def test_gguf_names_and_shapes_are_what_llama_cpp_loads(case):
 
 def test_to_gguf_then_to_hf_round_trips_exactly(case):
     config, _, state = case
-    tensors = to_gguf(name_map(config, None), state)
-    back = to_hf(name_map(config, frozenset(tensors)), tensors)
-    for name, tensor in state.items():
-        assert torch.equal(back[name], tensor), name
+    tensors, back = assert_round_trips_exactly(name_map, config, state)
     gate_up = state["model.layers.1.mlp.experts.gate_up_proj"]
     inter = config.moe_intermediate_size
     assert torch.equal(back["model.layers.1.mlp.experts.gate_proj"], gate_up[:, :inter])
@@ -121,12 +107,7 @@ def test_to_gguf_then_to_hf_round_trips_exactly(case):
 
 def test_keep_f32_marks_what_llama_cpp_keeps_in_f32(case):
     config, _, state = case
-    nm = name_map(config, None)
-    tensors = to_gguf(nm, state)
-    for mapping in nm:
-        gguf = mapping.gguf_names[0]
-        f32 = tensors[gguf].dim() == 1 or "norm" in gguf or ".ffn_gate_inp" in gguf
-        assert mapping.keep_f32 == f32, gguf
+    assert_keep_f32_marks_what_llama_cpp_keeps_in_f32(name_map(config, None), state, ".ffn_gate_inp")
 
 
 FORWARD_FIELDS = (
@@ -164,26 +145,18 @@ def test_metadata_round_trip_keeps_the_forward_pass_fields(case):
     assert_same_forward_config(config, config_from_gguf(md))
 
 
-SHIPPED_CONFIGS = sorted((Path(gguf_config.__file__).parent / "configs").glob("*.json"))
+SHIPPED_CONFIGS = shipped_configs(gguf_config)
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_survive_the_metadata_round_trip(path):
-    data = json.loads(path.read_text(encoding="utf-8"))
-    config = type(AutoConfig.for_model(data["model_type"])).from_dict(data)
+    config = config_from_json(path)
     assert_same_forward_config(config, config_from_gguf(gguf_metadata(config)))
 
 
 def test_model_rebuilt_from_gguf_computes_the_same_logits(case):
     config, model, state = case
-    tensors = to_gguf(name_map(config, None), state)
-    rebuilt_config = config_from_gguf(gguf_metadata(config))
-    rebuilt = type(model)(rebuilt_config).eval()
-    loaded = to_hf(name_map(rebuilt_config, frozenset(tensors)), tensors)
-    rebuilt.load_state_dict({k: loaded[k] for k in rebuilt.state_dict()}, strict=True)
-    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert_rebuilt_model_computes_the_same_logits(name_map, config_from_gguf, gguf_metadata, config, model, state)
 
 
 def test_qwen3_attention_biases_map_to_llama_cpp_names():
@@ -227,10 +200,7 @@ def test_qwen3_head_dim_comes_from_key_length():
 
 
 def test_tied_embeddings_write_no_output_and_read_token_embd():
-    config = qwen3_moe_config(tie_word_embeddings=True)
-    assert "lm_head.weight" not in name_map(config, None)
-    names = frozenset(g for m in name_map(config, None) for g in m.gguf_names)
-    assert name_map(config, names).get("lm_head.weight").gguf_names == ("token_embd.weight",)
+    assert_tied_embeddings_write_no_output_and_read_token_embd(name_map, qwen3_moe_config(tie_word_embeddings=True))
 
 
 def test_dense_layers_cannot_be_written():

@@ -224,7 +224,7 @@ def test_operators_reject_the_wrong_modules(registry, rules_from):
 
 def test_transfer_map_beyond_the_last_layer_is_an_error():
     model = meta_model(qwen3_moe_config())
-    with pytest.raises(KtUserError, match=r"transfer_map names layers \[3\], but the model has 3 layers"):
+    with pytest.raises(KtUserError, match=r"transfer_map names layer\(s\) \[3\], but the model has 3 layers"):
         KQwen3MoeModel("model", None, model.config, model.model, transfer_map={3: "cpu"})
 
 

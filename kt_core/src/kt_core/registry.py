@@ -66,7 +66,14 @@ class OperatorSpec:
     devices: tuple[str, ...] = ("cpu", "cuda")
     aliases: tuple[str, ...] = ()
     dispatches_to: OperatorKind | None = None
+    device_notes: tuple[tuple[str, str], ...] = ()
+    """(device type, note) pairs shown by `kt rules explain`, e.g. ("cpu", "int4, CPU path")."""
     distribution: str = ""
+
+    def note_for(self, device: str) -> str | None:
+        """What this operator does differently on `device` (``cuda:1`` matches ``cuda``), if anything."""
+        kind = device.split(":", 1)[0]
+        return next((note for dev, note in self.device_notes if dev == kind), None)
 
     def load_class(self) -> type:
         """Import the implementation (lazily, on first use by a rule)."""

@@ -8,12 +8,14 @@ everything the layers need (position embeddings, mask, position ids) live on
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from pydantic import Field, field_validator
 
 from kt_core.devices import Device
+from kt_core.errors import KtUserError
 from kt_core.operator_kwargs import OperatorKwargs
 
 
@@ -32,6 +34,24 @@ class TransferMapKwargs(OperatorKwargs):
         if bad:
             raise ValueError(f"layer indices must be >= 0, got {bad}")
         return value
+
+
+def check_transfer_map(transfer_map: Mapping[int, str] | None, num_layers: int, owner: str) -> dict[int, str]:
+    """`transfer_map` as ``{int layer: str device}``, refusing layers the model does not have.
+
+    The kwargs schema can only check that indices are non-negative; the layer count is
+    known once the operator sees the config, so a model operator calls this in its
+    constructor and a rule file with a wrong index fails before any weight is read, not
+    silently never moving. `owner` names the operator in the message
+    (``"KDeepseekV2Model at model"``).
+    """
+    checked = {int(layer): str(device) for layer, device in (transfer_map or {}).items()}
+    beyond = sorted(layer for layer in checked if layer >= num_layers)
+    if beyond:
+        raise KtUserError(
+            f"{owner}: transfer_map names layer(s) {beyond}, but the model has {num_layers} layers (0–{num_layers - 1})"
+        )
+    return checked
 
 
 def layer_devices(num_layers: int, transfer_map: dict[int, str], start_device: str) -> list[str]:

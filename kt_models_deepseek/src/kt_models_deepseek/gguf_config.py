@@ -31,6 +31,7 @@ from typing import Any
 from transformers import DeepseekV2Config, DeepseekV3Config, PretrainedConfig
 
 from kt_core.errors import KtUserError
+from kt_core.weights.gguf_metadata import ArchMetadata, rope_metadata, rope_parameters, token_ids
 
 ARCH = "deepseek2"
 GATING_SOFTMAX = 1
@@ -40,7 +41,10 @@ _YARN_LOG_MUL_PER_MSCALE = 0.1
 
 def config_from_gguf(metadata: Mapping[str, Any]) -> DeepseekV2Config | DeepseekV3Config:
     """The transformers config of the DeepSeek model a ``deepseek2`` GGUF file holds."""
-    md = _Metadata(metadata)
+    arch = metadata.get("general.architecture")
+    if arch is not None and arch != ARCH:
+        raise KtUserError(f"GGUF file has architecture {arch!r}; the DeepSeek plugin reads {ARCH!r} files")
+    md = ArchMetadata(metadata, ARCH)
     rope_dim = md.as_int("rope.dimension_count")
     key_mla = md.get("attention.key_length_mla")
     if key_mla is not None:
@@ -60,7 +64,7 @@ def config_from_gguf(metadata: Mapping[str, Any]) -> DeepseekV2Config | Deepseek
     n_group = md.get("expert_group_count")
     topk_group = md.get("expert_group_used_count")
     common: dict[str, Any] = dict(
-        vocab_size=_vocab_size(md),
+        vocab_size=md.vocab_size(),
         hidden_size=md.as_int("embedding_length"),
         intermediate_size=md.as_int("feed_forward_length"),
         moe_intermediate_size=md.as_int("expert_feed_forward_length"),
@@ -82,7 +86,7 @@ def config_from_gguf(metadata: Mapping[str, Any]) -> DeepseekV2Config | Deepseek
         rms_norm_eps=md.as_float("attention.layer_norm_rms_epsilon"),
         rope_parameters=_rope_parameters(md),
         tie_word_embeddings=False,
-        **_token_ids(metadata),
+        **token_ids(metadata),
     )
     if gating == GATING_SIGMOID:
         return DeepseekV3Config(
@@ -149,24 +153,10 @@ def gguf_metadata(config: PretrainedConfig) -> dict[str, Any]:
 # -- rope -----------------------------------------------------------------------------
 
 
-def _rope_parameters(md: _Metadata) -> dict[str, Any]:
-    theta = float(md.get("rope.freq_base", 10000.0))
-    kind = md.get("rope.scaling.type", "none")
-    if kind == "none":
-        return {"rope_type": "default", "rope_theta": theta}
-    factor = md.as_float("rope.scaling.factor")
-    if kind == "linear":
-        return {"rope_type": "linear", "rope_theta": theta, "factor": factor}
-    if kind != "yarn":
-        raise KtUserError(
-            f"GGUF metadata key '{ARCH}.rope.scaling.type' is {kind!r}; DeepSeek models use 'yarn', 'linear' or 'none'"
-        )
-    params: dict[str, Any] = {
-        "rope_type": "yarn",
-        "rope_theta": theta,
-        "factor": factor,
-        "original_max_position_embeddings": md.as_int("rope.scaling.original_context_length"),
-    }
+def _rope_parameters(md: ArchMetadata) -> dict[str, Any]:
+    params = rope_parameters(md, "DeepSeek models")
+    if params["rope_type"] != "yarn":
+        return params
     log_mul = float(md.get("rope.scaling.yarn_log_multiplier", 0.0))
     if log_mul > 0:
         params["mscale"] = params["mscale_all_dim"] = log_mul / _YARN_LOG_MUL_PER_MSCALE
@@ -180,85 +170,17 @@ def _rope_parameters(md: _Metadata) -> dict[str, Any]:
 
 
 def _rope_metadata(config: PretrainedConfig) -> dict[str, Any]:
-    p = f"{ARCH}.rope."
+    md = rope_metadata(config, ARCH)
     rope = dict(config.rope_parameters or {})
-    md: dict[str, Any] = {p + "freq_base": float(rope.get("rope_theta", 10000.0))}
-    kind = rope.get("rope_type", "default")
-    if kind == "default":
+    if rope.get("rope_type", "default") != "yarn":
         return md
-    if kind == "linear":
-        md[p + "scaling.type"] = "linear"
-        md[p + "scaling.factor"] = float(rope["factor"])
-        return md
-    if kind != "yarn":
-        raise KtUserError(f"rope_type {kind!r} cannot be written to a {ARCH} GGUF (llama.cpp supports yarn and linear)")
-    md[p + "scaling.type"] = "yarn"
-    md[p + "scaling.factor"] = float(rope["factor"])
-    md[p + "scaling.original_context_length"] = int(rope["original_max_position_embeddings"])
+    p = f"{ARCH}.rope."
     if rope.get("mscale_all_dim"):
         md[p + "scaling.yarn_log_multiplier"] = _YARN_LOG_MUL_PER_MSCALE * float(rope["mscale_all_dim"])
     for name, key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
         if rope.get(name) is not None:
             md[p + f"scaling.{key}"] = float(rope[name])
     return md
-
-
-# -- metadata access ------------------------------------------------------------------
-
-
-class _Metadata:
-    """``deepseek2.*`` keys by their short name, with errors that name the missing key."""
-
-    def __init__(self, metadata: Mapping[str, Any]) -> None:
-        arch = metadata.get("general.architecture")
-        if arch is not None and arch != ARCH:
-            raise KtUserError(f"GGUF file has architecture {arch!r}; the DeepSeek plugin reads {ARCH!r} files")
-        self.metadata = metadata
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.metadata.get(f"{ARCH}.{key}", default)
-
-    def require(self, key: str) -> Any:
-        value = self.get(key)
-        if value is None:
-            raise KtUserError(
-                f"GGUF metadata lacks the required key '{ARCH}.{key}' (architecture {ARCH!r}); "
-                "the file is incomplete or was written by a converter kt does not know"
-            )
-        return value
-
-    def as_int(self, key: str) -> int:
-        return int(self.require(key))
-
-    def as_float(self, key: str) -> float:
-        return float(self.require(key))
-
-
-def _vocab_size(md: _Metadata) -> int:
-    size = md.get("vocab_size")
-    if size is not None:
-        return int(size)
-    tokens = md.metadata.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        raise KtUserError(
-            f"GGUF metadata has neither '{ARCH}.vocab_size' nor 'tokenizer.ggml.tokens' (architecture {ARCH!r}); "
-            "the vocabulary size cannot be known"
-        )
-    return tokens if isinstance(tokens, int) else len(tokens)
-
-
-def _token_ids(metadata: Mapping[str, Any]) -> dict[str, int | None]:
-    """bos/eos/pad ids for generation, from the tokenizer metadata where present."""
-    ids: dict[str, int | None] = {}
-    for name, key in (
-        ("bos_token_id", "bos_token_id"),
-        ("eos_token_id", "eos_token_id"),
-        ("pad_token_id", "padding_token_id"),
-    ):
-        value = metadata.get(f"tokenizer.ggml.{key}")
-        if value is not None:
-            ids[name] = int(value)
-    return ids
 
 
 __all__ = ["ARCH", "config_from_gguf", "gguf_metadata"]

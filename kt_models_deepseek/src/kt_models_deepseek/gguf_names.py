@@ -40,21 +40,23 @@ import torch
 from transformers import PretrainedConfig
 
 from kt_core.errors import KtUserError
-from kt_core.weights.name_map import NameMap, TensorMapping
-
-VIRTUAL_EXPERT_NAMES = ("mlp.experts.gate_proj", "mlp.experts.up_proj")
-"""Suffixes of the split stacked expert names the map adds beside the module's own parameters."""
+from kt_core.weights.name_map import (
+    VIRTUAL_EXPERT_NAMES,
+    NameMap,
+    TensorMapping,
+    embedding_and_head_mappings,
+    gated_mlp_mappings,
+    same_tensor,
+    stacked_expert_mappings,
+)
 
 
 def name_map(config: PretrainedConfig, gguf_tensor_names: frozenset[str] | None) -> NameMap:
     """The name map of one DeepSeek model; `gguf_tensor_names` selects the kv_b form (None: writing)."""
     names = gguf_tensor_names
     m = NameMap()
-    m.add(_same("model.embed_tokens.weight", "token_embd.weight"))
-    m.add(_same("model.norm.weight", "output_norm.weight", keep_f32=True))
-    lm_head = _lm_head(config, names)
-    if lm_head is not None:
-        m.add(lm_head)
+    for mapping in embedding_and_head_mappings(config, names):
+        m.add(mapping)
     rope_rows = _RopeRows.for_config(config)
     for i in range(config.num_hidden_layers):
         for mapping in _attention(config, i, names, rope_rows):
@@ -62,25 +64,6 @@ def name_map(config: PretrainedConfig, gguf_tensor_names: frozenset[str] | None)
         for mapping in _mlp(config, i):
             m.add(mapping)
     return m
-
-
-def _same(hf_name: str, gguf_name: str, *, keep_f32: bool = False) -> TensorMapping:
-    return TensorMapping(hf_name, (gguf_name,), keep_f32=keep_f32)
-
-
-def _lm_head(config: PretrainedConfig, names: frozenset[str] | None) -> TensorMapping | None:
-    """``output.weight``, or ``token_embd.weight`` where the file has no output (as llama.cpp falls back).
-
-    When writing a model with tied embeddings there is no mapping at all: the converter
-    writes only ``token_embd``, and mapping ``lm_head`` onto it too would write it twice.
-    """
-    if names is None:
-        if getattr(config, "tie_word_embeddings", False):
-            return None
-        return _same("lm_head.weight", "output.weight")
-    if "output.weight" in names:
-        return _same("lm_head.weight", "output.weight")
-    return _same("lm_head.weight", "token_embd.weight")
 
 
 # -- attention ------------------------------------------------------------------------
@@ -93,10 +76,10 @@ def _attention(
     blk = f"blk.{i}"
     attn = f"{hf}.self_attn"
     out = [
-        _same(f"{hf}.input_layernorm.weight", f"{blk}.attn_norm.weight", keep_f32=True),
-        _same(f"{hf}.post_attention_layernorm.weight", f"{blk}.ffn_norm.weight", keep_f32=True),
-        _same(f"{attn}.kv_a_layernorm.weight", f"{blk}.attn_kv_a_norm.weight", keep_f32=True),
-        _same(f"{attn}.o_proj.weight", f"{blk}.attn_output.weight"),
+        same_tensor(f"{hf}.input_layernorm.weight", f"{blk}.attn_norm.weight", keep_f32=True),
+        same_tensor(f"{hf}.post_attention_layernorm.weight", f"{blk}.ffn_norm.weight", keep_f32=True),
+        same_tensor(f"{attn}.kv_a_layernorm.weight", f"{blk}.attn_kv_a_norm.weight", keep_f32=True),
+        same_tensor(f"{attn}.o_proj.weight", f"{blk}.attn_output.weight"),
     ]
     q_heads = config.num_attention_heads
     q_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
@@ -105,8 +88,8 @@ def _attention(
         out.append(_rope_permuted(f"{attn}.q_proj.weight", f"{blk}.attn_q.weight", rope_rows, q_heads, q_head_dim))
     else:
         out += [
-            _same(f"{attn}.q_a_proj.weight", f"{blk}.attn_q_a.weight"),
-            _same(f"{attn}.q_a_layernorm.weight", f"{blk}.attn_q_a_norm.weight", keep_f32=True),
+            same_tensor(f"{attn}.q_a_proj.weight", f"{blk}.attn_q_a.weight"),
+            same_tensor(f"{attn}.q_a_layernorm.weight", f"{blk}.attn_q_a_norm.weight", keep_f32=True),
             _rope_permuted(f"{attn}.q_b_proj.weight", f"{blk}.attn_q_b.weight", rope_rows, q_heads, q_head_dim),
         ]
     out.append(
@@ -114,11 +97,11 @@ def _attention(
     )
     if getattr(config, "attention_bias", False):
         # DeepSeek checkpoints have none; llama.cpp would ignore them, kt keeps them loadable.
-        out.append(_same(f"{attn}.o_proj.bias", f"{blk}.attn_output.bias", keep_f32=True))
+        out.append(same_tensor(f"{attn}.o_proj.bias", f"{blk}.attn_output.bias", keep_f32=True))
         kv_a_bias = (f"{attn}.kv_a_proj_with_mqa.bias", f"{blk}.attn_kv_a_mqa.bias")
         out.append(_rope_permuted(*kv_a_bias, rope_rows, 1, kv_a_dim, keep_f32=True))
         if config.q_lora_rank is not None:
-            out.append(_same(f"{attn}.q_a_proj.bias", f"{blk}.attn_q_a.bias", keep_f32=True))
+            out.append(same_tensor(f"{attn}.q_a_proj.bias", f"{blk}.attn_q_a.bias", keep_f32=True))
     out.append(_kv_b(config, i, names))
     return out
 
@@ -128,7 +111,7 @@ def _kv_b(config: PretrainedConfig, i: int, names: frozenset[str] | None) -> Ten
     hf_name = f"model.layers.{i}.self_attn.kv_b_proj.weight"
     legacy = f"blk.{i}.attn_kv_b.weight"
     if names is not None and legacy in names:
-        return _same(hf_name, legacy)
+        return same_tensor(hf_name, legacy)
     k_b, v_b = f"blk.{i}.attn_k_b.weight", f"blk.{i}.attn_v_b.weight"
     heads, nope, v_dim, rank = (
         config.num_attention_heads,
@@ -189,7 +172,7 @@ def _rope_permuted(
     keep_f32: bool = False,
 ) -> TensorMapping:
     if rope_rows is None:
-        return _same(hf_name, gguf_name, keep_f32=keep_f32)
+        return same_tensor(hf_name, gguf_name, keep_f32=keep_f32)
     order = rope_rows.gguf_order(heads, head_dim)
     inverse = torch.argsort(order)
 
@@ -210,35 +193,13 @@ def _mlp(config: PretrainedConfig, i: int) -> list[TensorMapping]:
     mlp = f"model.layers.{i}.mlp"
     blk = f"blk.{i}"
     if i < (config.first_k_dense_replace or 0):
-        return [_same(f"{mlp}.{p}_proj.weight", f"{blk}.ffn_{p}.weight") for p in ("gate", "up", "down")]
-    out = [_same(f"{mlp}.gate.weight", f"{blk}.ffn_gate_inp.weight", keep_f32=True)]
+        return gated_mlp_mappings(mlp, blk)
+    out = [same_tensor(f"{mlp}.gate.weight", f"{blk}.ffn_gate_inp.weight", keep_f32=True)]
     if config.model_type == "deepseek_v3":
-        out.append(_same(f"{mlp}.gate.e_score_correction_bias", f"{blk}.exp_probs_b.bias", keep_f32=True))
-    out += _experts(mlp, blk)
-    out += [
-        _same(f"{mlp}.shared_experts.{p}_proj.weight", f"{blk}.ffn_{p}_shexp.weight") for p in ("gate", "up", "down")
-    ]
+        out.append(same_tensor(f"{mlp}.gate.e_score_correction_bias", f"{blk}.exp_probs_b.bias", keep_f32=True))
+    out += stacked_expert_mappings(mlp, blk)
+    out += gated_mlp_mappings(f"{mlp}.shared_experts", blk, "_shexp")
     return out
-
-
-def _experts(mlp: str, blk: str) -> list[TensorMapping]:
-    gate, up, down = (f"{blk}.ffn_{p}_exps.weight" for p in ("gate", "up", "down"))
-    return [
-        TensorMapping(f"{mlp}.experts.gate_up_proj", (gate, up), to_hf=_fuse_gate_up, to_gguf=_split_gate_up),
-        _same(f"{mlp}.experts.gate_proj", gate),
-        _same(f"{mlp}.experts.up_proj", up),
-        _same(f"{mlp}.experts.down_proj", down),
-    ]
-
-
-def _fuse_gate_up(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    gate, up = parts
-    return torch.cat([gate, up], dim=1)
-
-
-def _split_gate_up(gate_up: torch.Tensor) -> list[torch.Tensor]:
-    inter = gate_up.shape[1] // 2
-    return [gate_up[:, :inter].contiguous(), gate_up[:, inter:].contiguous()]
 
 
 __all__ = ["VIRTUAL_EXPERT_NAMES", "name_map"]

@@ -28,9 +28,8 @@ from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Model
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Model
 
-from kt_core.errors import KtUserError
 from kt_core.injected import BaseInjectedModule
-from kt_core.transfer import layer_devices, move_to
+from kt_core.transfer import check_transfer_map, layer_devices, move_to
 from kt_core.weights.source import WeightSource
 
 
@@ -49,14 +48,8 @@ class KDeepseekV2Model(BaseInjectedModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(key, gguf_loader, config, orig_module, generate_device, prefill_device, **kwargs)
-        self.transfer_map = {int(layer): str(device) for layer, device in (transfer_map or {}).items()}
         num_layers = config.num_hidden_layers
-        beyond = sorted(layer for layer in self.transfer_map if layer >= num_layers)
-        if beyond:
-            raise KtUserError(
-                f"{type(self).__name__} at {key}: transfer_map names layer(s) {beyond}, "
-                f"but the model has {num_layers} layers (0–{num_layers - 1})"
-            )
+        self.transfer_map = check_transfer_map(transfer_map, num_layers, f"{type(self).__name__} at {key}")
         self.devices_by_layer = layer_devices(num_layers, self.transfer_map, self.generate_device)
 
     @classmethod

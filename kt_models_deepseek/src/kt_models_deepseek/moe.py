@@ -25,6 +25,7 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from kt_core.injected import BaseInjectedModule
+from kt_core.moe import finish_experts, load_router, start_experts
 from kt_core.weights.source import WeightSource
 from kt_models_deepseek.routing import route_sigmoid, route_softmax
 
@@ -60,19 +61,7 @@ class _DeepseekMoE(BaseInjectedModule, abc.ABC):
 
     def load(self) -> None:
         """Read the router's weight (and bias) in float32 onto this operator's device."""
-        if self.gguf_loader is None:
-            raise RuntimeError(f"{type(self).__name__} at {self.key} was created without a weight source")
-        router = {}
-        for name in ("weight", *self.router_buffers):
-            full = f"{self.key}.gate.{name}"
-            router[name] = self.gguf_loader.load(full, dtype=torch.float32, device=self.device)
-        expected = (self.num_experts, self.config.hidden_size)
-        if tuple(router["weight"].shape) != expected:
-            raise ValueError(
-                f"{self.gguf_loader.description}: {self.key}.gate.weight has shape "
-                f"{tuple(router['weight'].shape)}, expected {expected}"
-            )
-        self.router = router
+        self.router = load_router(self, self.num_experts, self.router_buffers)
         self._give_to_kept_gate()
 
     def consumed_children(self) -> tuple[str, ...]:
@@ -112,13 +101,9 @@ class _DeepseekMoE(BaseInjectedModule, abc.ABC):
         x = hidden_states.to(self.device)
         tokens = x.view(-1, x.shape[-1])
         weights, ids = self.route(tokens)
-        if hasattr(self.experts, "submit") and hasattr(self.experts, "sync"):
-            self.experts.submit(tokens, ids, weights)
-            shared = self.shared_experts(x)  # runs while the routed experts compute
-            routed = self.experts.sync()
-        else:
-            routed = self.experts(tokens, ids, weights)
-            shared = self.shared_experts(x)
+        started = start_experts(self.experts, tokens, ids, weights)
+        shared = self.shared_experts(x)  # runs while submitted routed experts compute
+        routed = finish_experts(self.experts, started)
         out = routed.to(x.device).view(x.shape) + shared
         return out.to(out_device)
 

@@ -25,6 +25,7 @@ from typing import Any
 from transformers import PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from kt_core.errors import KtUserError
+from kt_core.weights.gguf_metadata import ArchMetadata, rope_metadata, rope_parameters, token_ids
 from kt_models_qwen.gguf_names import is_sparse_layer
 
 QWEN2MOE = "qwen2moe"
@@ -40,11 +41,11 @@ def config_from_gguf(metadata: Mapping[str, Any]) -> Qwen2MoeConfig | Qwen3MoeCo
         raise KtUserError(
             f"GGUF file has architecture {arch!r}; the Qwen plugin reads {' and '.join(map(repr, ARCHITECTURES))} files"
         )
-    md = _Metadata(metadata, arch)
+    md = ArchMetadata(metadata, arch)
     hidden = md.as_int("embedding_length")
     heads = md.as_int("attention.head_count")
     common: dict[str, Any] = dict(
-        vocab_size=_vocab_size(md),
+        vocab_size=md.vocab_size(),
         hidden_size=hidden,
         intermediate_size=md.as_int("feed_forward_length"),
         moe_intermediate_size=md.as_int("expert_feed_forward_length"),
@@ -60,7 +61,7 @@ def config_from_gguf(metadata: Mapping[str, Any]) -> Qwen2MoeConfig | Qwen3MoeCo
         decoder_sparse_step=1,
         mlp_only_layers=[],
         tie_word_embeddings=False,
-        **_token_ids(metadata),
+        **token_ids(metadata),
     )
     if arch == QWEN2MOE:
         return Qwen2MoeConfig(
@@ -123,105 +124,24 @@ _YARN_KEYS = (
 """Optional YaRN keys: GGUF ``rope.scaling.*`` name ↔ transformers ``rope_parameters`` name."""
 
 
-def _rope_parameters(md: _Metadata) -> dict[str, Any]:
-    theta = float(md.get("rope.freq_base", 10000.0))
-    kind = md.get("rope.scaling.type", "none")
-    if kind == "none":
-        return {"rope_type": "default", "rope_theta": theta}
-    factor = md.as_float("rope.scaling.factor")
-    if kind == "linear":
-        return {"rope_type": "linear", "rope_theta": theta, "factor": factor}
-    if kind != "yarn":
-        raise KtUserError(
-            f"GGUF metadata key '{md.arch}.rope.scaling.type' is {kind!r}; Qwen MoE models use 'yarn', 'linear' or 'none'"
-        )
-    params: dict[str, Any] = {
-        "rope_type": "yarn",
-        "rope_theta": theta,
-        "factor": factor,
-        "original_max_position_embeddings": md.as_int("rope.scaling.original_context_length"),
-    }
-    for key, name in _YARN_KEYS:
-        value = md.get(f"rope.scaling.{key}")
-        if value is not None:
-            params[name] = float(value)
+def _rope_parameters(md: ArchMetadata) -> dict[str, Any]:
+    params = rope_parameters(md, "Qwen MoE models")
+    if params["rope_type"] == "yarn":
+        for key, name in _YARN_KEYS:
+            value = md.get(f"rope.scaling.{key}")
+            if value is not None:
+                params[name] = float(value)
     return params
 
 
 def _rope_metadata(config: PretrainedConfig, arch: str) -> dict[str, Any]:
-    p = f"{arch}.rope."
+    md = rope_metadata(config, arch)
     rope = dict(config.rope_parameters or {})
-    md: dict[str, Any] = {p + "freq_base": float(rope.get("rope_theta", 10000.0))}
-    kind = rope.get("rope_type", "default")
-    if kind == "default":
-        return md
-    if kind not in ("linear", "yarn"):
-        raise KtUserError(f"rope_type {kind!r} cannot be written to a {arch} GGUF (llama.cpp supports yarn and linear)")
-    md[p + "scaling.type"] = kind
-    md[p + "scaling.factor"] = float(rope["factor"])
-    if kind == "yarn":
-        md[p + "scaling.original_context_length"] = int(rope["original_max_position_embeddings"])
+    if rope.get("rope_type", "default") == "yarn":
         for key, name in _YARN_KEYS:
             if rope.get(name) is not None:
-                md[p + f"scaling.{key}"] = float(rope[name])
+                md[f"{arch}.rope.scaling.{key}"] = float(rope[name])
     return md
-
-
-# -- metadata access ------------------------------------------------------------------
-
-
-class _Metadata:
-    """``<arch>.*`` keys by their short name, with errors that name the missing key."""
-
-    def __init__(self, metadata: Mapping[str, Any], arch: str) -> None:
-        self.metadata = metadata
-        self.arch = arch
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.metadata.get(f"{self.arch}.{key}", default)
-
-    def require(self, key: str) -> Any:
-        value = self.get(key)
-        if value is None:
-            raise KtUserError(
-                f"GGUF metadata lacks the required key '{self.arch}.{key}' (architecture {self.arch!r}); "
-                "the file is incomplete or was written by a converter kt does not know"
-            )
-        return value
-
-    def as_int(self, key: str) -> int:
-        return int(self.require(key))
-
-    def as_float(self, key: str) -> float:
-        return float(self.require(key))
-
-
-def _vocab_size(md: _Metadata) -> int:
-    """``<arch>.vocab_size`` (kt writes it), else the token count, as llama.cpp falls back."""
-    size = md.get("vocab_size")
-    if size is not None:
-        return int(size)
-    tokens = md.metadata.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        raise KtUserError(
-            f"GGUF metadata has neither '{md.arch}.vocab_size' nor 'tokenizer.ggml.tokens' "
-            f"(architecture {md.arch!r}); the vocabulary size cannot be known"
-        )
-    return tokens if isinstance(tokens, int) else len(tokens)
-
-
-def _token_ids(metadata: Mapping[str, Any]) -> dict[str, int]:
-    """bos/eos/pad ids for generation, from the tokenizer metadata where present."""
-    ids: dict[str, int] = {}
-    for name, key in (
-        ("bos_token_id", "bos_token_id"),
-        ("eos_token_id", "eos_token_id"),
-        ("pad_token_id", "padding_token_id"),
-    ):
-        value = metadata.get(f"tokenizer.ggml.{key}")
-        if value is not None:
-            ids[name] = int(value)
-    return ids
 
 
 __all__ = ["ARCHITECTURES", "QWEN2MOE", "QWEN3MOE", "config_from_gguf", "gguf_metadata"]

@@ -30,10 +30,15 @@ from collections.abc import Sequence
 import torch
 from transformers import PretrainedConfig
 
-from kt_core.weights.name_map import NameMap, TensorMapping
-
-VIRTUAL_EXPERT_NAMES = ("mlp.experts.gate_proj", "mlp.experts.up_proj")
-"""Suffixes of the split stacked expert names the map adds beside the module's own parameters."""
+from kt_core.weights.name_map import (
+    VIRTUAL_EXPERT_NAMES,
+    NameMap,
+    TensorMapping,
+    embedding_and_head_mappings,
+    gated_mlp_mappings,
+    same_tensor,
+    stacked_expert_mappings,
+)
 
 
 def name_map(config: PretrainedConfig, gguf_tensor_names: frozenset[str] | None) -> NameMap:
@@ -43,11 +48,8 @@ def name_map(config: PretrainedConfig, gguf_tensor_names: frozenset[str] | None)
     (tied embeddings) is read through ``token_embd.weight``, as llama.cpp does.
     """
     m = NameMap()
-    m.add(_same("model.embed_tokens.weight", "token_embd.weight"))
-    m.add(_same("model.norm.weight", "output_norm.weight", keep_f32=True))
-    lm_head = _lm_head(config, gguf_tensor_names)
-    if lm_head is not None:
-        m.add(lm_head)
+    for mapping in embedding_and_head_mappings(config, gguf_tensor_names):
+        m.add(mapping)
     for i in range(config.num_hidden_layers):
         for mapping in _attention(config, i) + _mlp(config, i):
             m.add(mapping)
@@ -60,44 +62,31 @@ def is_sparse_layer(config: PretrainedConfig, i: int) -> bool:
     return i not in (config.mlp_only_layers or []) and config.num_experts > 0 and (i + 1) % step == 0
 
 
-def _same(hf_name: str, gguf_name: str, *, keep_f32: bool = False) -> TensorMapping:
-    return TensorMapping(hf_name, (gguf_name,), keep_f32=keep_f32)
-
-
-def _lm_head(config: PretrainedConfig, names: frozenset[str] | None) -> TensorMapping | None:
-    """``output.weight``; none when writing tied embeddings (the converter writes ``token_embd`` only)."""
-    if names is None:
-        if getattr(config, "tie_word_embeddings", False):
-            return None
-        return _same("lm_head.weight", "output.weight")
-    if "output.weight" in names:
-        return _same("lm_head.weight", "output.weight")
-    return _same("lm_head.weight", "token_embd.weight")
-
-
 def _attention(config: PretrainedConfig, i: int) -> list[TensorMapping]:
     hf = f"model.layers.{i}"
     blk = f"blk.{i}"
     attn = f"{hf}.self_attn"
     out = [
-        _same(f"{hf}.input_layernorm.weight", f"{blk}.attn_norm.weight", keep_f32=True),
-        _same(f"{hf}.post_attention_layernorm.weight", f"{blk}.ffn_norm.weight", keep_f32=True),
-        _same(f"{attn}.q_proj.weight", f"{blk}.attn_q.weight"),
-        _same(f"{attn}.k_proj.weight", f"{blk}.attn_k.weight"),
-        _same(f"{attn}.v_proj.weight", f"{blk}.attn_v.weight"),
-        _same(f"{attn}.o_proj.weight", f"{blk}.attn_output.weight"),
+        same_tensor(f"{hf}.input_layernorm.weight", f"{blk}.attn_norm.weight", keep_f32=True),
+        same_tensor(f"{hf}.post_attention_layernorm.weight", f"{blk}.ffn_norm.weight", keep_f32=True),
+        same_tensor(f"{attn}.q_proj.weight", f"{blk}.attn_q.weight"),
+        same_tensor(f"{attn}.k_proj.weight", f"{blk}.attn_k.weight"),
+        same_tensor(f"{attn}.v_proj.weight", f"{blk}.attn_v.weight"),
+        same_tensor(f"{attn}.o_proj.weight", f"{blk}.attn_output.weight"),
     ]
     if config.model_type == "qwen2_moe":
         if getattr(config, "qkv_bias", True):
-            out += [_same(f"{attn}.{p}_proj.bias", f"{blk}.attn_{p}.bias", keep_f32=True) for p in ("q", "k", "v")]
+            out += [
+                same_tensor(f"{attn}.{p}_proj.bias", f"{blk}.attn_{p}.bias", keep_f32=True) for p in ("q", "k", "v")
+            ]
     else:
         out += [
-            _same(f"{attn}.q_norm.weight", f"{blk}.attn_q_norm.weight", keep_f32=True),
-            _same(f"{attn}.k_norm.weight", f"{blk}.attn_k_norm.weight", keep_f32=True),
+            same_tensor(f"{attn}.q_norm.weight", f"{blk}.attn_q_norm.weight", keep_f32=True),
+            same_tensor(f"{attn}.k_norm.weight", f"{blk}.attn_k_norm.weight", keep_f32=True),
         ]
         if getattr(config, "attention_bias", False):
             out += [
-                _same(f"{attn}.{p}_proj.bias", f"{blk}.attn_{g}.bias", keep_f32=True)
+                same_tensor(f"{attn}.{p}_proj.bias", f"{blk}.attn_{g}.bias", keep_f32=True)
                 for p, g in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output"))
             ]
     return out
@@ -107,19 +96,16 @@ def _mlp(config: PretrainedConfig, i: int) -> list[TensorMapping]:
     mlp = f"model.layers.{i}.mlp"
     blk = f"blk.{i}"
     if not is_sparse_layer(config, i):
-        return [_same(f"{mlp}.{p}_proj.weight", f"{blk}.ffn_{p}.weight") for p in ("gate", "up", "down")]
-    out = [_same(f"{mlp}.gate.weight", f"{blk}.ffn_gate_inp.weight", keep_f32=True)]
-    out += _experts(mlp, blk)
+        return gated_mlp_mappings(mlp, blk)
+    out = [same_tensor(f"{mlp}.gate.weight", f"{blk}.ffn_gate_inp.weight", keep_f32=True)]
+    out += stacked_expert_mappings(mlp, blk)
     if config.model_type == "qwen2_moe":
-        out += [
-            _same(f"{mlp}.shared_expert.{p}_proj.weight", f"{blk}.ffn_{p}_shexp.weight") for p in ("gate", "up", "down")
-        ]
+        out += gated_mlp_mappings(f"{mlp}.shared_expert", blk, "_shexp")
         out.append(
             TensorMapping(
                 f"{mlp}.shared_expert_gate.weight",
                 (f"{blk}.ffn_gate_inp_shexp.weight",),
                 to_hf=_as_row,
-                to_gguf=_as_list,
                 keep_f32=True,
             )
         )
@@ -129,30 +115,6 @@ def _mlp(config: PretrainedConfig, i: int) -> list[TensorMapping]:
 def _as_row(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     (gate,) = parts
     return gate.reshape(1, -1)
-
-
-def _as_list(t: torch.Tensor) -> list[torch.Tensor]:
-    return [t]
-
-
-def _experts(mlp: str, blk: str) -> list[TensorMapping]:
-    gate, up, down = (f"{blk}.ffn_{p}_exps.weight" for p in ("gate", "up", "down"))
-    return [
-        TensorMapping(f"{mlp}.experts.gate_up_proj", (gate, up), to_hf=_fuse_gate_up, to_gguf=_split_gate_up),
-        _same(f"{mlp}.experts.gate_proj", gate),
-        _same(f"{mlp}.experts.up_proj", up),
-        _same(f"{mlp}.experts.down_proj", down),
-    ]
-
-
-def _fuse_gate_up(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    gate, up = parts
-    return torch.cat([gate, up], dim=1)
-
-
-def _split_gate_up(gate_up: torch.Tensor) -> list[torch.Tensor]:
-    inter = gate_up.shape[1] // 2
-    return [gate_up[:, :inter].contiguous(), gate_up[:, inter:].contiguous()]
 
 
 __all__ = ["VIRTUAL_EXPERT_NAMES", "is_sparse_layer", "name_map"]

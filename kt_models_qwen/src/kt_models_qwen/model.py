@@ -26,9 +26,8 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeModelOutputWithPast
 
-from kt_core.errors import KtUserError
 from kt_core.injected import BaseInjectedModule
-from kt_core.transfer import layer_devices, move_to
+from kt_core.transfer import check_transfer_map, layer_devices, move_to
 from kt_core.weights.source import WeightSource
 from kt_models_qwen.masks import build_masks, layer_attention_types, move_mask
 
@@ -57,14 +56,8 @@ class KQwen2MoeModel(BaseInjectedModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(key, gguf_loader, config, orig_module, generate_device, prefill_device, **kwargs)
-        self.transfer_map = {int(k): str(v) for k, v in (transfer_map or {}).items()}
         self.num_layers = int(config.num_hidden_layers)
-        beyond = [k for k in self.transfer_map if k >= self.num_layers]
-        if beyond:
-            raise KtUserError(
-                f"{type(self).__name__} at {key}: transfer_map names layers {sorted(beyond)}, "
-                f"but the model has {self.num_layers} layers (0–{self.num_layers - 1})"
-            )
+        self.transfer_map = check_transfer_map(transfer_map, self.num_layers, f"{type(self).__name__} at {key}")
         self.layer_types = layer_attention_types(config)
         # Layers before the first transfer_map entry run on this operator's own device.
         self.devices_by_layer = layer_devices(self.num_layers, self.transfer_map, self.generate_device)

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from kt_core.injected import BaseInjectedModule
+from kt_core.moe import finish_experts, load_router, start_experts
 from kt_core.weights.source import WeightSource
 from kt_models_qwen.routing import softmax_topk_route
 
@@ -56,16 +57,7 @@ class _QwenMoeBlock(BaseInjectedModule):
         return ("gate",)
 
     def load(self) -> None:
-        if self.gguf_loader is None:
-            raise RuntimeError(f"{type(self).__name__} at {self.key} was created without a weight source")
-        name = f"{self.key}.gate.weight"
-        weight = self.gguf_loader.load(name, dtype=torch.float32, device=self.device)
-        expected = (self.num_experts, int(self.config.hidden_size))
-        if tuple(weight.shape) != expected:
-            raise ValueError(
-                f"{self.gguf_loader.description}: {name} has shape {tuple(weight.shape)}, expected {expected}"
-            )
-        self.router_weight = weight
+        self.router_weight = load_router(self, self.num_experts)["weight"]
 
     def unload(self) -> None:
         self.router_weight = None
@@ -75,23 +67,6 @@ class _QwenMoeBlock(BaseInjectedModule):
         if self.router_weight is None:
             raise RuntimeError(f"{type(self).__name__} at {self.key} used before load()")
         return softmax_topk_route(tokens, self.router_weight, self.top_k, self.norm_topk_prob)
-
-    def start_experts(self, tokens: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
-        """Submit the routed experts if they run asynchronously (then None), else compute them.
-
-        Submitted backends get float32 weights and cast them as they compute; a plain
-        transformers experts module gets them in the activations' dtype, as its own
-        router would give them.
-        """
-        experts = self.experts
-        if hasattr(experts, "submit") and hasattr(experts, "sync"):
-            experts.submit(tokens, ids, weights)
-            return None
-        return experts(tokens, ids.to(tokens.device), weights.to(device=tokens.device, dtype=tokens.dtype))
-
-    def finish_experts(self, started: torch.Tensor | None) -> torch.Tensor:
-        """The routed experts' output [T, H], waiting for them if they were submitted."""
-        return self.experts.sync() if started is None else started
 
 
 class KQwen2MoeSparseMoeBlock(_QwenMoeBlock):
@@ -103,10 +78,10 @@ class KQwen2MoeSparseMoeBlock(_QwenMoeBlock):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         tokens = hidden_states.view(-1, hidden_dim)
         ids, weights = self.route(tokens)
-        started = self.start_experts(tokens, ids, weights)
+        started = start_experts(self.experts, tokens, ids, weights, match_tokens=True)
         shared = self.shared_expert(tokens)
         shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
-        routed = self.finish_experts(started)
+        routed = finish_experts(self.experts, started)
         out = routed.to(device=tokens.device, dtype=tokens.dtype) + shared.to(tokens.device)
         return out.reshape(batch_size, sequence_length, hidden_dim)
 
@@ -120,5 +95,5 @@ class KQwen3MoeSparseMoeBlock(_QwenMoeBlock):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         tokens = hidden_states.view(-1, hidden_dim)
         ids, weights = self.route(tokens)
-        routed = self.finish_experts(self.start_experts(tokens, ids, weights))
+        routed = finish_experts(self.experts, start_experts(self.experts, tokens, ids, weights, match_tokens=True))
         return routed.to(device=tokens.device, dtype=tokens.dtype).reshape(batch_size, sequence_length, hidden_dim)

@@ -1,5 +1,7 @@
-"""kt-ops-marlin: GPU int4 (Marlin-format) linear and experts backends.
+"""kt-ops-marlin: int4 linear and experts backends, `KLinearMarlin` and `KExpertsMarlin`.
 
-The backends (KLinearMarlin, KExpertsMarlin) arrive with their issue; an operator is
-registered only once it is implemented, so this plugin registers nothing yet.
+Weights from any source are quantized at load to symmetric int4 with per-group scales
+(`int4`) and laid out for the device's kernel: a Triton kernel on cuda (`packing`,
+`triton_kernel`), torch's CPU int4 matmul on cpu (`cpu_int4`), chosen in
+`device_paths`. Triton is optional; only the cuda path needs it.
 """

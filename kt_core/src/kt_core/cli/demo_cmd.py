@@ -48,7 +48,7 @@ def demo_model_path(rebuild: bool = False) -> str:
 def run(args: argparse.Namespace) -> int:
     path = demo_model_path(args.rebuild)
     rt = open_runtime(model=None, gguf=path, rules=args.rules, device_map=args.device_map, dtype="float32", threads=None)
-    print(format_plan(rt.loaded.plan))
+    print(format_plan(rt.loaded.plan, registry=get_registry()))
     print(f"\nloaded {path} in {rt.load_seconds:.2f} s; generating (random weights: the text is noise)\n")
     tok = rt.tokenizer
     session = Session(rt.loaded.model, rt.loaded.config, 512)

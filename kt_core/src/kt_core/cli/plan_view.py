@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from kt_core.cli.table import format_table
+from kt_core.errors import KtUserError
 from kt_core.planner import Decision, Plan
+from kt_core.registry import Registry
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
 
@@ -61,17 +63,30 @@ def _group_name(group: dict[str, Any]) -> str:
     return out
 
 
-def _operator_cell(d: Decision) -> str:
+def _backend_cell(name: str, device: str, registry: Registry | None) -> str:
+    """``KLinearMarlin (int4, CPU path)``: the backend, with its note for the device it runs on."""
+    if registry is None:
+        return name
+    try:
+        note = registry.resolve_operator(name).note_for(device)
+    except KtUserError:
+        return name
+    return f"{name} ({note})" if note else name
+
+
+def _operator_cell(d: Decision, registry: Registry | None = None) -> str:
     if d.origin == "covered":
         return f"(inside {d.operator})"
     if d.origin == "inherited":
         return "default (inherited)"
-    ops = [f"{k}={d.kwargs[k]}" for k in ("generate_op", "prefill_op") if d.kwargs.get(k)]
+    generate_device = d.kwargs.get("generate_device") or d.device
+    devices = {"generate_op": generate_device, "prefill_op": d.kwargs.get("prefill_device") or generate_device}
+    ops = [f"{k}={_backend_cell(d.kwargs[k], devices[k], registry)}" for k in devices if d.kwargs.get(k)]
     return f"{d.operator} [{', '.join(ops)}]" if ops else d.operator
 
 
-def format_plan(result: Plan, *, grouped: bool = True) -> str:
-    """The plan table plus a one-line summary."""
+def format_plan(result: Plan, *, grouped: bool = True, registry: Registry | None = None) -> str:
+    """The plan table plus a one-line summary; with `registry`, backends show their device notes."""
     if grouped:
         shown = group_decisions(result.decisions)
     else:
@@ -80,7 +95,7 @@ def format_plan(result: Plan, *, grouped: bool = True) -> str:
     for group in shown:
         d: Decision = group["decision"]
         rows.append([_group_name(group) or "(root)", d.module_class, "-" if d.rule is None else d.rule,
-                     _operator_cell(d), d.device])
+                     _operator_cell(d, registry), d.device])
     replaced = sum(1 for _ in result.replacements())
     return (
         format_table(["MODULE", "CLASS", "RULE", "OPERATOR", "DEVICE"], rows)

@@ -101,6 +101,6 @@ def run_explain(args: argparse.Namespace) -> int:
         _print_warnings(result, args.strict)
         print(json.dumps([d.as_json() for d in result.decisions], indent=2, default=str))
         return 0
-    print(format_plan(result, grouped=not args.all))
+    print(format_plan(result, grouped=not args.all, registry=get_registry()))
     _print_warnings(result, args.strict)
     return 0
