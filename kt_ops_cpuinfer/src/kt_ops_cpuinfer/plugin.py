@@ -1,1 +1,36 @@
-"""Registrations of kt-ops-cpuinfer: none until the engine's operators are implemented."""
+"""Registrations of kt-ops-cpuinfer (entry point ``kt-ops-cpuinfer`` in group ``kt``).
+
+Only the kwargs model is imported here; the operators (and the C++ extension) load when a
+rule first uses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kt_core import OperatorKind, hookimpl
+from kt_ops_cpuinfer.kwargs import CPUInferKwargs
+
+_KT = "ktransformers.operators"
+
+
+@hookimpl
+def register_operators(register: Callable[..., None]) -> None:
+    register(
+        name="KExpertsCPU",
+        target="kt_ops_cpuinfer.experts:KExpertsCPU",
+        kind=OperatorKind.EXPERTS_BACKEND,
+        summary="routed experts by the native CPU engine on the GGUF blocks, asynchronous (submit/sync)",
+        kwargs_model=CPUInferKwargs,
+        devices=("cpu",),
+        aliases=(f"{_KT}.experts.KExpertsCPU", "MLPCPUExperts"),
+    )
+    register(
+        name="KLinearCPUInfer",
+        target="kt_ops_cpuinfer.linear:KLinearCPUInfer",
+        kind=OperatorKind.LINEAR_BACKEND,
+        summary="linear layer by the native CPU engine on the GGUF blocks",
+        kwargs_model=CPUInferKwargs,
+        devices=("cpu",),
+        aliases=(f"{_KT}.linear.KLinearCPUInfer",),
+    )

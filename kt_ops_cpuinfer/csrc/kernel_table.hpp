@@ -1,0 +1,41 @@
+// The boundary between the portable engine and the ISA-specific kernels.
+//
+// Each instruction-set path (AVX2 baseline, AVX-512 with VNNI/BF16) is compiled in its own
+// translation unit with its own compiler flags and exposes exactly one KernelTable. The
+// thread pool, MoE layer and bindings are compiled for plain x86-64 and only ever call
+// kernels through this table, so no AVX-512 instruction can run on a CPU that lacks it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "engine_types.hpp"
+
+namespace kt {
+
+struct KernelTable {
+    const char* isa;  // "avx2" or "avx512"
+
+    // The activation format each weight type is multiplied with on this ISA.
+    ActKind act_for[static_cast<int>(WType::Count)];
+
+    // Prepare one row of n activations (n a multiple of the format's block) at dst,
+    // which has act_row_bytes(kind, n) bytes.
+    void (*quantize_row)(ActKind kind, const float* x, int n, uint8_t* dst);
+
+    // out[t * out_stride + r] = <row r of w, activation row act[t]> for r < nrows, t < ntok.
+    // Weight rows are w + r * w_stride, each `cols` values of type `type`; the activation
+    // rows must be in act_for[type] format. Tokens are processed in small groups so that
+    // each weight block is decoded once per group.
+    void (*gemm)(WType type, const uint8_t* w, size_t w_stride, int nrows, int cols,
+                 const uint8_t* const* act, int ntok, float* out, size_t out_stride);
+
+    // h[i] = fn(g[i]) * u[i] for i < n.
+    void (*activate)(ActFn fn, const float* g, const float* u, float* h, int n);
+};
+
+// Defined in isa_avx2.cpp / isa_avx512.cpp.
+const KernelTable& kernels_avx2();
+const KernelTable& kernels_avx512();
+
+}  // namespace kt

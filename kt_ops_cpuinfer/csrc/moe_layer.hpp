@@ -1,0 +1,80 @@
+// One MoE layer's routed experts, computed on the stored (quantized) expert weights.
+//
+// For a batch of tokens with their top-k expert ids and weights, the layer groups the
+// (token, expert) pairs by expert once, then runs one pool job of five phases:
+//   1. quantize each token's hidden state into the activation format of gate/up;
+//   2. gate and up projections fused: per (expert, block of intermediate rows) task, both
+//      projections for all of the expert's tokens, then act(gate) * up;
+//   3. quantize each pair's intermediate row into the down projection's format;
+//   4. down projection per (expert, block of hidden rows) task;
+//   5. weighted sum of each token's expert outputs (masked slots, id < 0 or >= E, skipped).
+// Tiling over experts x rows keeps both decode (one token, ~6 experts: many row blocks per
+// expert) and prefill (many tokens per expert) spread over all threads. All buffers belong
+// to the layer, so layers can be queued on one pool without interfering.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "aligned_buffer.hpp"
+#include "engine_types.hpp"
+#include "kernel_table.hpp"
+#include "thread_pool.hpp"
+
+namespace kt {
+
+class MoELayer {
+public:
+    MoELayer(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels, int experts, int hidden, int intermediate,
+             const MatrixView& gate, const MatrixView& up, const MatrixView& down, ActFn act);
+    ~MoELayer();
+    MoELayer(const MoELayer&) = delete;
+    MoELayer& operator=(const MoELayer&) = delete;
+
+    // Start computing out[T, H] (float32) from x[T, H] (float32), ids[T, K] (int64) and
+    // weights[T, K] (float32); returns once the work is queued. ids and weights are read
+    // before returning; x and out must stay valid until sync().
+    void submit(const float* x, const int64_t* ids, const float* weights, float* out, int tokens, int top_k);
+    // Wait for the last submit; rethrows an error raised by the work.
+    void sync();
+    bool pending() const { return job_ != nullptr; }
+    bool done() const { return job_ == nullptr || job_->done(); }
+    const char* isa() const { return k_.isa; }
+    size_t scratch_bytes() const;
+
+private:
+    void plan(const int64_t* ids, const float* weights, int tokens, int top_k);
+    void quantize_inputs(int token);
+    void gate_up(int task, int worker);
+    void quantize_hidden(int pair);
+    void down(int task);
+    void combine(int task);
+
+    std::shared_ptr<ThreadPool> pool_;
+    const KernelTable& k_;
+    int E_, H_, I_;
+    MatrixView gate_, up_, down_;
+    ActFn act_;
+    ActKind act_gate_, act_up_, act_down_;
+    size_t xg_row_, xu_row_, hq_row_;
+
+    // The current call's plan.
+    const float* x_ = nullptr;
+    float* out_ = nullptr;
+    int T_ = 0, K_ = 0, P_ = 0;
+    std::vector<int> counts_, offsets_, active_, pair_token_, token_pairs_;
+    std::vector<float> pair_weight_;
+    std::vector<const uint8_t*> pair_xg_, pair_xu_, pair_hq_;
+    int chunk_i_ = 0, chunks_i_ = 0, chunk_h_ = 0, chunks_h_ = 0, combine_cols_ = 0, combine_col_chunks_ = 0;
+
+    AlignedBuffer xg_, xu_, h_, hq_, y_, scratch_;
+    std::shared_ptr<Job> job_;
+};
+
+// Rows per task when `parts` matrices of `rows` rows are split over `threads` threads:
+// about 32 tasks per thread for load balance, at least 16 rows so a task amortizes its
+// start, a multiple of 4, never more than `rows`.
+int rows_per_task(int rows, int parts, int threads);
+
+}  // namespace kt

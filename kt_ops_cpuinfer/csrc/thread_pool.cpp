@@ -1,0 +1,136 @@
+// Thread pool implementation (see thread_pool.hpp for the design).
+#include "thread_pool.hpp"
+
+#include <immintrin.h>
+#include <sched.h>
+
+#include <stdexcept>
+#include <utility>
+
+namespace kt {
+namespace {
+
+// Waiting for the rest of a phase: pause-spin first (the others are a task away), then
+// yield so an oversubscribed machine can run the thread everyone is waiting for.
+template <class Ready>
+void spin_until(Ready ready) {
+    for (int i = 0; !ready(); ++i) {
+        if (i < 2048) _mm_pause();
+        else sched_yield();
+    }
+}
+
+}  // namespace
+
+Job::Job(std::vector<Phase> phases)
+    : phases_(std::move(phases)),
+      next_(new std::atomic<int>[phases_.size() + 1]),
+      finished_(new std::atomic<int>[phases_.size() + 1]) {
+    for (size_t i = 0; i <= phases_.size(); ++i) {
+        next_[i].store(0, std::memory_order_relaxed);
+        finished_[i].store(0, std::memory_order_relaxed);
+    }
+}
+
+void Job::wait() {
+    if (!done()) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [this] { return done(); });
+    }
+    if (error_) std::rethrow_exception(error_);
+}
+
+ThreadPool::ThreadPool(int threads) {
+    if (threads < 1) throw std::invalid_argument("a thread pool needs at least one thread");
+    workers_.reserve(static_cast<size_t>(threads));
+    for (int i = 0; i < threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+}
+
+ThreadPool::~ThreadPool() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+}
+
+std::shared_ptr<Job> ThreadPool::submit(std::vector<Phase> phases) {
+    auto job = std::make_shared<Job>(std::move(phases));
+    if (job->phases_.empty()) {  // nothing to run: done at once
+        job->done_.store(true, std::memory_order_release);
+        return job;
+    }
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        job->seq_ = ++next_seq_;
+        queue_.push_back(job);
+    }
+    cv_.notify_all();
+    return job;
+}
+
+// Idle workers sleep at once instead of polling for the next job: between two layers the
+// caller computes attention or shared experts, and on a machine with as many workers as
+// cores a polling worker would take a core from it. Waking costs a few microseconds per
+// job, small against a layer's milliseconds.
+std::shared_ptr<Job> ThreadPool::next_job(uint64_t seen) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [&] { return stop_ || (!queue_.empty() && queue_.front()->seq_ > seen); });
+    if (stop_ && (queue_.empty() || queue_.front()->seq_ <= seen)) return nullptr;
+    return queue_.front();
+}
+
+void ThreadPool::worker_loop(int index) {
+    uint64_t seen = 0;
+    while (std::shared_ptr<Job> job = next_job(seen)) {
+        seen = job->seq_;
+        run_job(*job, index);
+    }
+}
+
+void ThreadPool::run_job(Job& job, int index) {
+    const int nphases = static_cast<int>(job.phases_.size());
+    for (int p = job.phase_.load(std::memory_order_acquire); p < nphases; p = job.phase_.load(std::memory_order_acquire)) {
+        const Phase& phase = job.phases_[static_cast<size_t>(p)];
+        if (phase.ntasks == 0) {
+            int expected = p;  // an empty phase ends as soon as someone sees it
+            if (job.phase_.compare_exchange_strong(expected, p + 1, std::memory_order_acq_rel)) advance(job, p);
+            continue;
+        }
+        for (int t; (t = job.next_[p].fetch_add(1, std::memory_order_relaxed)) < phase.ntasks;) {
+            try {
+                phase.fn(t, index);
+            } catch (...) {
+                std::lock_guard<std::mutex> lock(job.mutex_);
+                if (!job.error_) job.error_ = std::current_exception();
+            }
+            if (job.finished_[p].fetch_add(1, std::memory_order_acq_rel) + 1 == phase.ntasks) {
+                job.phase_.store(p + 1, std::memory_order_release);  // this thread did the phase's last task
+                advance(job, p);
+            }
+        }
+        // No task left to take: wait until whoever holds the last ones has finished them.
+        spin_until([&] { return job.phase_.load(std::memory_order_acquire) > p; });
+    }
+}
+
+void ThreadPool::advance(Job& job, int from) {
+    if (from + 1 == static_cast<int>(job.phases_.size())) finish_job(job);
+}
+
+void ThreadPool::finish_job(Job& job) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        queue_.pop_front();
+    }
+    cv_.notify_all();  // workers waiting for the next job re-check the queue front
+    {
+        std::lock_guard<std::mutex> lock(job.mutex_);
+        job.done_.store(true, std::memory_order_release);
+    }
+    completed_.fetch_add(1, std::memory_order_acq_rel);
+    job.cv_.notify_all();
+}
+
+}  // namespace kt

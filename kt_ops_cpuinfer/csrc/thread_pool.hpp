@@ -1,0 +1,90 @@
+// A persistent pool of worker threads that runs jobs made of phases.
+//
+// Why phases: an MoE layer is a short pipeline (quantize inputs -> gate/up -> quantize the
+// hidden rows -> down -> weighted sum) where each step needs all of the previous one.
+// Each phase is a parallel-for over independent tasks, handed out dynamically through an
+// atomic counter so uneven tasks (experts with different token counts) still keep every
+// thread busy. A phase ends when its last task is done (not when every worker has checked
+// in): a worker that wakes late, or is descheduled on a busy machine, never holds the
+// others up, it simply joins the job at the phase it finds.
+//
+// Why persistent and asynchronous: decode calls the engine once per layer per token, so
+// thread start-up must not be paid per call, and `submit` must return at once so the
+// caller can compute the shared experts while the workers run. Jobs from different layers
+// queue up in order; each job has its own completion state, so layers never share
+// buffers or wait on each other's results. Idle workers sleep on a condition variable.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace kt {
+
+// task(index, worker) for index in [0, ntasks); `worker` in [0, threads) picks scratch.
+using TaskFn = std::function<void(int task, int worker)>;
+
+struct Phase {
+    int ntasks = 0;
+    TaskFn fn;
+};
+
+class Job {
+public:
+    explicit Job(std::vector<Phase> phases);
+    // Block until every phase ran; rethrows the first exception a task raised.
+    void wait();
+    bool done() const { return done_.load(std::memory_order_acquire); }
+
+private:
+    friend class ThreadPool;
+    std::vector<Phase> phases_;
+    std::unique_ptr<std::atomic<int>[]> next_;      // next task index to hand out, per phase
+    std::unique_ptr<std::atomic<int>[]> finished_;  // tasks completed, per phase
+    std::atomic<int> phase_{0};                     // the phase being worked on
+    std::atomic<bool> done_{false};
+    uint64_t seq_ = 0;
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    std::exception_ptr error_;
+};
+
+class ThreadPool {
+public:
+    explicit ThreadPool(int threads);
+    ~ThreadPool();
+    ThreadPool(const ThreadPool&) = delete;
+    ThreadPool& operator=(const ThreadPool&) = delete;
+
+    int threads() const { return static_cast<int>(workers_.size()); }
+
+    // Queue a job and return at once; the job runs after the jobs queued before it.
+    std::shared_ptr<Job> submit(std::vector<Phase> phases);
+
+    // Jobs finished since the pool started (an engine-side progress counter).
+    uint64_t jobs_completed() const { return completed_.load(std::memory_order_acquire); }
+
+private:
+    void worker_loop(int index);
+    std::shared_ptr<Job> next_job(uint64_t seen);
+    void run_job(Job& job, int index);
+    void advance(Job& job, int from);
+    void finish_job(Job& job);
+
+    std::vector<std::thread> workers_;
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    std::deque<std::shared_ptr<Job>> queue_;
+    std::atomic<uint64_t> completed_{0};
+    uint64_t next_seq_ = 0;
+    bool stop_ = false;
+};
+
+}  // namespace kt

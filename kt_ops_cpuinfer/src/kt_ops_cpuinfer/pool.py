@@ -1,0 +1,50 @@
+"""The engine's worker pools: one persistent pool per thread count, shared by the layers.
+
+A pool is a set of C++ worker threads with a job queue. Every layer that asks for the
+same thread count gets the same pool, so a model with 60 MoE layers runs on `threads`
+workers, not 60 times as many; each layer still owns its buffers, and jobs of different
+layers run one after the other in submission order.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from kt_ops_cpuinfer import _engine
+
+_pools: dict[int, _engine.ThreadPool] = {}
+_lock = threading.Lock()
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads of one core count once).
+
+    Two workers on one core's hyper-threads compete for the same execution units and the
+    same memory bandwidth, so the default pool size is the number of distinct cores.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = list(range(os.cpu_count() or 1))
+    cores: set[str] = set()
+    for cpu in cpus:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")
+    return max(1, len(cores))
+
+
+def get_pool(threads: int | None = None) -> _engine.ThreadPool:
+    """The shared pool with `threads` workers (physical cores when None), started on first use."""
+    count = physical_cores() if threads is None else int(threads)
+    if count < 1:
+        raise ValueError(f"the CPU engine needs at least one thread, got {count}")
+    with _lock:
+        pool = _pools.get(count)
+        if pool is None:
+            pool = _pools[count] = _engine.ThreadPool(count)
+        return pool

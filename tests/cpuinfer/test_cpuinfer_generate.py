@@ -1,0 +1,125 @@
+"""End to end: `kt generate` with the routed experts on the CPU engine vs on KExpertsTorch.
+
+A tiny DeepSeek-V2-Lite and a tiny Qwen2-MoE are saved, converted with ``kt convert
+--type Q8_0`` (hidden 64, expert rows of 64 and 32 values: whole Q8_0 blocks) and generated
+greedily twice from the same GGUF with the shipped CPU rules: once as shipped
+(KExpertsTorch on the dequantized experts), once with ``generate_op: KExpertsCPU`` (the
+engine on the Q8_0 blocks, with Q8_0-quantized activations).
+
+The engine's activation quantization (each value off by at most 1/254 of its block's
+largest, see cpuinfer_refs) moves these models' logits by ~1e-3 of their scale. So:
+* along the reference's greedy path (teacher-forced), every step's logits must agree
+  within LOGIT_TOL of the logit scale;
+* the greedy tokens must be identical for all STEPS; the prompt is one whose reference
+  path has no near-tie (smallest top-2 gap 0.06 for Qwen; a prompt with a 2e-4 gap at
+  step 2 does flip there). Should a later change of the models bring a near-tie onto the
+  path, the test tells it apart from a real error: tokens may then differ only from a
+  step whose reference top-2 gap is below 2 * LOGIT_TOL, and never before step 16.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import deepseek_v2_config, qwen2_moe_config, random_model
+
+from kt_core.cli.main import main
+from kt_core.demo.tokenizer import build_demo_tokenizer
+from kt_core.rules.shipped import find_rule_file
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+STEPS = 16
+LOGIT_TOL = 1.5e-2
+MODELS = {
+    "deepseek-v2-lite": (lambda vocab: deepseek_v2_config(vocab_size=vocab, q_lora_rank=None), "deepseek-v2-lite-cpu"),
+    "qwen2-moe": (lambda vocab: qwen2_moe_config(vocab_size=vocab), "qwen2-moe-cpu"),
+}
+
+
+def cpu_engine_rules(shipped: str, tmp_path) -> str:
+    """The shipped rule file with the routed experts moved to KExpertsCPU (2 threads)."""
+    text = find_rule_file(shipped).read_text()
+    old = 'generate_op: "KExpertsTorch"'
+    assert text.count(old) == 1
+    path = tmp_path / f"{shipped}-cpuinfer.yaml"
+    path.write_text(text.replace(old, 'generate_op: "KExpertsCPU"\n      threads: 2'))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_demo_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These models are tiny: torch's intra-op threads only add barrier waits, which on a
+    loaded 2-core machine cost milliseconds per op (most of this test's time otherwise)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def q8_gguf(kind: str, tmp_path, tokenizer, capsys) -> str:
+    make_config, _ = MODELS[kind]
+    model = random_model(make_config(len(tokenizer)), seed=1)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    gguf = tmp_path / "model-Q8_0.gguf"
+    assert main(["convert", str(tmp_path / "hf"), str(gguf), "--type", "Q8_0"]) == 0
+    capsys.readouterr()
+    return str(gguf)
+
+
+def generate(capsys, gguf: str, rules: str) -> list[int]:
+    assert main(["generate", "--gguf", gguf, "--rules", rules, "--prompt", PROMPT, "--max-new-tokens", str(STEPS),
+                 "--dtype", "float32", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["tokens"]
+
+
+def path_logits(gguf: str, rules: str, tokenizer, path: list[int]) -> tuple[list[torch.Tensor], type]:
+    """Logits before each token of `path` (teacher-forced after the prompt), and the experts' backend class."""
+    from kt_core.plugins import get_registry
+    from kt_core.rules import load_rules
+    from kt_core.runtime.generate import Session
+    from kt_core.runtime.load import load_model
+    from kt_core.runtime.model_source import open_model
+
+    registry = get_registry()
+    inputs = open_model(None, gguf, registry)
+    loaded = load_model(inputs.config, load_rules(rules, registry), inputs.source, registry, dtype=torch.float32,
+                        show_progress=False)
+    session = Session(loaded.model, loaded.config, 64)
+    logits, _ = session.prefill(tokenizer.encode(PROMPT))
+    steps = [logits]
+    for token in path[:-1]:
+        steps.append(session.decode(token))
+    return steps, type(loaded.model.model.layers[1].mlp.experts.generate_backend)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_cpu_engine_generates_the_torch_backend_tokens(kind, tmp_path, tokenizer, capsys):
+    gguf = q8_gguf(kind, tmp_path, tokenizer, capsys)
+    shipped = str(find_rule_file(MODELS[kind][1]))
+    engine_rules = cpu_engine_rules(MODELS[kind][1], tmp_path)
+    expected = generate(capsys, gguf, shipped)
+    tokens = generate(capsys, gguf, engine_rules)
+
+    ref_steps, ref_backend = path_logits(gguf, shipped, tokenizer, expected)
+    engine_steps, engine_backend = path_logits(gguf, engine_rules, tokenizer, expected)
+    assert (ref_backend.__name__, engine_backend.__name__) == ("KExpertsTorch", "KExpertsCPU")
+    assert [int(step.argmax()) for step in ref_steps] == expected
+    for ref, engine in zip(ref_steps, engine_steps, strict=True):
+        torch.testing.assert_close(engine, ref, rtol=0, atol=float(LOGIT_TOL * ref.abs().max()))
+
+    first_difference = next((i for i, (a, b) in enumerate(zip(tokens, expected, strict=True)) if a != b), STEPS)
+    if first_difference < STEPS:
+        top2 = ref_steps[first_difference].topk(2).values
+        gap = float(top2[0] - top2[1])
+        assert gap < 2 * LOGIT_TOL * float(ref_steps[first_difference].abs().max()), (
+            f"tokens differ at step {first_difference}, where the reference's top-2 gap {gap:.4f} is no near-tie"
+        )
+    assert first_difference >= 16
