@@ -44,7 +44,7 @@ def test_explain_every_builtin_config(model, capsys):
     rules = {"Qwen/Qwen3-30B-A3B": "qwen3-moe-cpu", "Qwen/Qwen2-57B-A14B-Instruct": "qwen2-moe-cpu"}.get(model, "deepseek-v2-lite-cpu")
     assert main(["rules", "explain", rules, "--model", model]) == 0
     out = capsys.readouterr().out
-    assert "KTransformersExperts [generate_op=KExpertsTorch]" in out
+    assert "KTransformersExperts [generate_op=KExpertsCPU, prefill_op=KExpertsCPU]" in out
     assert "modules," in out
 
 

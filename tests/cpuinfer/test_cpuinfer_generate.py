@@ -2,9 +2,9 @@
 
 A tiny DeepSeek-V2-Lite and a tiny Qwen2-MoE are saved, converted with ``kt convert
 --type Q8_0`` (hidden 64, expert rows of 64 and 32 values: whole Q8_0 blocks) and generated
-greedily twice from the same GGUF with the shipped CPU rules: once as shipped
-(KExpertsTorch on the dequantized experts), once with ``generate_op: KExpertsCPU`` (the
-engine on the Q8_0 blocks, with Q8_0-quantized activations).
+greedily twice from the same GGUF: with the shipped CPU rules (KExpertsCPU: the engine on
+the Q8_0 blocks, with Q8_0-quantized activations) and with their ``-torch`` variants
+(KExpertsTorch on the dequantized experts).
 
 The engine's activation quantization (each value off by at most 1/254 of its block's
 largest, see cpuinfer_refs) moves these models' logits by ~1e-3 of their scale. So:
@@ -39,12 +39,12 @@ MODELS = {
 
 
 def cpu_engine_rules(shipped: str, tmp_path) -> str:
-    """The shipped rule file with the routed experts moved to KExpertsCPU (2 threads)."""
+    """The shipped CPU rule file (routed experts on KExpertsCPU), with the pool pinned at 2 threads."""
     text = find_rule_file(shipped).read_text()
-    old = 'generate_op: "KExpertsTorch"'
-    assert text.count(old) == 1
-    path = tmp_path / f"{shipped}-cpuinfer.yaml"
-    path.write_text(text.replace(old, 'generate_op: "KExpertsCPU"\n      threads: 2'))
+    old = 'generate_op: "KExpertsCPU"'
+    assert text.count(old) == 1, f"{shipped} no longer puts the routed experts on the engine"
+    path = tmp_path / f"{shipped}-2-threads.yaml"
+    path.write_text(text.replace(old, old + "\n      threads: 2"))
     return str(path)
 
 
@@ -103,7 +103,7 @@ def path_logits(gguf: str, rules: str, tokenizer, path: list[int]) -> tuple[list
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_cpu_engine_generates_the_torch_backend_tokens(kind, tmp_path, tokenizer, capsys):
     gguf = q8_gguf(kind, tmp_path, tokenizer, capsys)
-    shipped = str(find_rule_file(MODELS[kind][1]))
+    shipped = str(find_rule_file(MODELS[kind][1] + "-torch"))
     engine_rules = cpu_engine_rules(MODELS[kind][1], tmp_path)
     expected = generate(capsys, gguf, shipped)
     tokens = generate(capsys, gguf, engine_rules)
