@@ -123,3 +123,25 @@ def test_cpu_engine_generates_the_torch_backend_tokens(kind, tmp_path, tokenizer
             f"tokens differ at step {first_difference}, where the reference's top-2 gap {gap:.4f} is no near-tie"
         )
     assert first_difference >= 16
+
+
+def test_bench_reports_the_engine_memory(tmp_path, tokenizer, capsys):
+    """Expert weights are used in place, never copied: the Q8_0 blocks of the GGUF, and the
+    float32 stacked tensors of the safetensors checkpoint transformers saved (gate and up are
+    row ranges of its fused ``gate_up_proj``)."""
+    gguf = q8_gguf("deepseek-v2-lite", tmp_path, tokenizer, capsys)
+    config = deepseek_v2_config(vocab_size=len(tokenizer), q_lora_rank=None)
+    layers = config.num_hidden_layers - config.first_k_dense_replace
+    expert_bytes = 3 * config.n_routed_experts * config.moe_intermediate_size * config.hidden_size
+    bench = ["bench", "--rules", "deepseek-v2-lite-cpu", "--prompt-len", "8", "--gen-len", "2", "--json"]
+
+    assert main([*bench, "--gguf", gguf]) == 0
+    engine = json.loads(capsys.readouterr().out)["memory"]["backends_mib"]["KExpertsCPU"]
+    # Q8_0 stores 34 bytes per 32 values; the report rounds to 0.1 MiB.
+    assert engine["mapped"] == pytest.approx(layers * expert_bytes * 34 / 32 / 2**20, abs=0.06)
+    assert engine["repacked"] == 0
+
+    assert main([*bench, "--model", str(tmp_path / "hf")]) == 0
+    engine = json.loads(capsys.readouterr().out)["memory"]["backends_mib"]["KExpertsCPU"]
+    assert engine["mapped"] == pytest.approx(layers * expert_bytes * 4 / 2**20, abs=0.06)
+    assert engine["repacked"] == 0

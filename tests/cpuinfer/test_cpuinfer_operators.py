@@ -11,6 +11,7 @@ from test_cpuinfer_moe import KEY, moe_config, moe_source
 from torch import nn
 from transformers import PretrainedConfig
 
+from kt_core.backends import BackendMemory
 from kt_core.registry import OperatorKind
 from kt_core.weights.source import StateDictSource
 from kt_ops_cpuinfer import ISA_ENV, _engine, current_isa, set_isa, supported_isas, use_isa
@@ -132,6 +133,7 @@ def test_linear_on_state_dict_and_transformed_weights():
     direct = KLinearCPUInfer("proj", StateDictSource({"proj.weight": weight}), PretrainedConfig(), module, "cpu")
     direct.load()
     assert direct.repacked_bytes == 0 and direct.weight_type == "F32"
+    assert direct.memory() == BackendMemory(mapped=48 * 64 * 4)  # what kt bench reports
     x = torch.randn(4, 64)
     torch.testing.assert_close(direct(x), x @ weight.T, rtol=1e-5, atol=1e-5)
 
@@ -144,4 +146,5 @@ def test_linear_on_state_dict_and_transformed_weights():
     moved = KLinearCPUInfer("proj", TransformedSource({"proj.weight": weight.half()}), PretrainedConfig(), module, "cpu")
     moved.load()
     assert moved.repacked_bytes == 48 * 64 * 4 and moved.weight_type == "F32"
+    assert moved.memory() == BackendMemory(repacked=48 * 64 * 4)
     torch.testing.assert_close(moved(x), x @ weight.half().float().T, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,7 @@
 Plugins import what they need from here; kt-core itself never imports a plugin.
 """
 
-from kt_core.backends import ExpertsBackend, LinearBackend
+from kt_core.backends import BackendMemory, ExpertsBackend, LinearBackend
 from kt_core.errors import KtUserError
 from kt_core.hookspecs import hookimpl
 from kt_core.injected import BaseInjectedModule
@@ -12,6 +12,7 @@ from kt_core.registry import OperatorKind
 
 __all__ = [
     "BackendKwargs",
+    "BackendMemory",
     "BaseInjectedModule",
     "ExpertsBackend",
     "KtUserError",

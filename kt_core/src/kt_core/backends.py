@@ -10,6 +10,7 @@ what lets a third-party plugin add a backend without touching kt.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,22 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from kt_core.weights.source import WeightSource
+
+
+@dataclass(frozen=True)
+class BackendMemory:
+    """Host memory a backend holds outside torch parameters and buffers, in bytes.
+
+    torch tensors are counted by walking the model; what a native backend holds is
+    invisible to that walk, so `kt bench` asks each backend. `mapped` is file memory
+    shared with the page cache (a GGUF's memory map, used in place), `repacked` memory
+    the backend made at load because the stored layout could not be used as it is,
+    `scratch` its working buffers.
+    """
+
+    mapped: int = 0
+    repacked: int = 0
+    scratch: int = 0
 
 
 class _Backend(nn.Module, abc.ABC):
@@ -49,6 +66,10 @@ class _Backend(nn.Module, abc.ABC):
     @abc.abstractmethod
     def load(self) -> None:
         """Read weights from the source onto `self.device` (in the backend's own format)."""
+
+    def memory(self) -> BackendMemory:
+        """What this backend holds beyond its torch parameters and buffers (nothing by default)."""
+        return BackendMemory()
 
     @abc.abstractmethod
     def unload(self) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from kt_core.backends import ExpertsBackend
+from kt_core.backends import BackendMemory, ExpertsBackend
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.activation import activation_name
@@ -98,6 +98,12 @@ class KExpertsCPU(ExpertsBackend):
     def scratch_bytes(self) -> int:
         """Bytes of the layer's own engine buffers (grown to the largest batch seen, then reused)."""
         return int(self._layer.scratch_bytes) if self._layer is not None else 0
+
+    def memory(self) -> BackendMemory:
+        """Expert bytes used in place from the file's memory map, copies made at load, engine buffers."""
+        return BackendMemory(
+            mapped=sum(m.mapped_bytes for m in self._matrices), repacked=self.repacked_bytes, scratch=self.scratch_bytes
+        )
 
     @property
     def weight_types(self) -> dict[str, str]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from kt_core.backends import LinearBackend
+from kt_core.backends import BackendMemory, LinearBackend
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.isa import current_isa
@@ -77,6 +77,12 @@ class KLinearCPUInfer(LinearBackend):
         self.bias = None
         self.repacked_bytes = 0
         self.loaded = False
+
+    def memory(self) -> BackendMemory:
+        """Weight bytes used in place from the file's memory map, and copies made at load."""
+        if self._weight is None:
+            return BackendMemory()
+        return BackendMemory(mapped=self._weight.mapped_bytes, repacked=self.repacked_bytes)
 
     @property
     def weight_type(self) -> str | None:

@@ -43,6 +43,13 @@ class EngineMatrix:
     address: int
     keepalive: Any
     repacked_bytes: int
+    experts: int = 1
+    in_place: bool = True  # the source's own bytes (a memory map), not a copy made at load
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of this matrix read in place from the source's memory (0 for a copy made at load)."""
+        return self.experts * self.rows * self.row_stride if self.in_place else 0
 
     def spec(self) -> tuple[int, str, int, int, int, int]:
         """The tuple the extension's constructors take."""
@@ -113,7 +120,8 @@ def read_matrix(source: WeightSource, name: str, shape: tuple[int, ...], operato
             f"needs {experts * rows * row_bytes}"
         )
     address = int(np.asarray(data).ctypes.data)
-    return EngineMatrix(name, ggml_type, rows, cols, row_bytes, rows * row_bytes, address, data, repacked)
+    return EngineMatrix(name, ggml_type, rows, cols, row_bytes, rows * row_bytes, address, data, repacked, experts,
+                        in_place=raw is not None)
 
 
 def _type_size(ggml_type: str) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from kt_core.errors import KtUserError
 from kt_core.runtime.generate import Session, generate
+from kt_core.runtime.memory import memory_report
 from kt_core.runtime.sampling import SamplingConfig
 from kt_core.runtime.session_setup import DTYPES, eos_ids, open_runtime
 
@@ -169,10 +170,29 @@ def run_bench(args: argparse.Namespace) -> int:
         "prefill_tokens_per_s": args.prompt_len / prefill_s,
         "decode_tokens_per_s": args.gen_len / decode_s,
         "peak_rss_mib": round(_peak_rss_mib(), 1),
+        "memory": memory_report(rt.loaded.model),
     }
     if args.json:
         print(json.dumps(report))
     else:
-        for key, value in report.items():
-            print(f"{key:>22}: {value:.2f}" if isinstance(value, float) else f"{key:>22}: {value}")
+        _print_report(report)
     return 0
+
+
+def _flatten(report: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested report sections as dotted keys (``memory.backends_mib.KExpertsCPU.mapped``)."""
+    rows: list[tuple[str, object]] = []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+def _print_report(report: dict) -> None:
+    """`kt bench`'s report as aligned ``key  value`` lines."""
+    rows = _flatten(report)
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value:.2f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
