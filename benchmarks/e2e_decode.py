@@ -3,9 +3,13 @@
 For one GGUF file (made by ``benchmarks/synthetic_model.py``) this prints one JSON object
 comparing, on the same weights and the same token counts:
 
-- **kt, torch backend** — ``kt bench --rules deepseek-v2-lite-cpu --json`` run as a
-  subprocess (experts by ``KExpertsTorch``, absorbed MLA, ``KLinearTorch``), so what is
-  measured is exactly what a user runs;
+- **kt** — ``kt bench --rules R --json`` run as a subprocess for each rule file of
+  ``--rules``: by default ``deepseek-v2-lite-cpu`` (routed experts on the native CPU
+  engine, on the GGUF blocks) and ``deepseek-v2-lite-cpu-torch`` (experts by
+  ``KExpertsTorch`` on dequantized bf16); both with absorbed MLA and ``KLinearTorch``, so
+  what is measured is exactly what a user runs;
+- **llama.cpp** (with ``--llama-bench BINARY``) — its ``llama-bench`` on the same file, an
+  outside peer built separately (kt neither ships nor depends on it);
 - **transformers eager** — ``AutoModelForCausalLM.from_config`` filled with the same
   weights dequantized to bf16 (through kt's GGUF source, the only reader that knows the
   DeepSeek GGUF names), prefill then greedy decode with a ``StaticCache``, once per
@@ -213,12 +217,36 @@ def run_json_process(cmd: list[str], timeout: float) -> dict[str, Any]:
     return result
 
 
-def kt_bench_cmd(gguf: Path, args: argparse.Namespace) -> list[str]:
-    cmd = [*kt_executable(), "bench", "--gguf", str(gguf), "--rules", args.rules, "--prompt-len", str(args.prompt_len),
+def kt_bench_cmd(gguf: Path, rules: str, args: argparse.Namespace) -> list[str]:
+    cmd = [*kt_executable(), "bench", "--gguf", str(gguf), "--rules", rules, "--prompt-len", str(args.prompt_len),
            "--gen-len", str(args.gen_len), "--dtype", args.dtype, "--json"]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     return cmd
+
+
+def llama_bench(binary: Path, gguf: Path, args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """llama.cpp's own ``llama-bench`` on the same file and token counts: the outside peer.
+
+    llama-bench times a prefill of ``-p`` tokens and, separately, ``-n`` decoded tokens
+    from an empty context (``-r`` repetitions, its own warm-up); peak RSS comes from the
+    kernel's accounting of the child process.
+    """
+    cmd = [str(binary), "-m", str(gguf), "-p", str(args.prompt_len), "-n", str(args.gen_len), "-t", str(threads),
+           "-r", "3", "-o", "json"]
+    before = os.getloadavg()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
+    rows = json.loads(proc.stdout)
+    result: dict[str, Any] = {"command": " ".join(cmd), "loadavg_before": [round(x, 2) for x in before],
+                              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+    for row in rows:
+        kind = "prefill_tokens_per_s" if row.get("n_prompt", 0) > 0 else "decode_tokens_per_s"
+        result[kind] = float(row["avg_ts"])
+        result[kind.replace("_per_s", "_per_s_stdev")] = float(row.get("stddev_ts", 0.0))
+        result.setdefault("build", f"{row.get('build_commit', '?')} ({row.get('cpu_info', '')}, {row.get('backends', '')})")
+    return result
 
 
 # -- transformers worker -------------------------------------------------------------------
@@ -453,8 +481,12 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return round(statistics.median(float(r[key]) for r in runs), 3)
 
 
-def summarize(runs: list[dict[str, Any]], roofline_tok_s: float) -> dict[str, Any]:
-    """Medians of the figures that matter, the best run, and decode as a share of the held roofline.
+def summarize(runs: list[dict[str, Any]], roofline_tok_s: float, stored_roofline_tok_s: float) -> dict[str, Any]:
+    """Medians of the figures that matter, the best run, and decode as a share of the rooflines.
+
+    The held roofline is the bound of a path that holds the weights dequantized (kt's torch
+    path, transformers); the stored roofline that of one reading the GGUF's quantized
+    bytes (kt's CPU engine, llama.cpp).
 
     The median is the figure to quote; the best run is reported beside it because on a
     shared machine other users' load only ever slows a run down, so the best of several
@@ -471,6 +503,7 @@ def summarize(runs: list[dict[str, Any]], roofline_tok_s: float) -> dict[str, An
         "peak_rss_mib": _median(runs, "peak_rss_mib"),
         "percent_of_held_roofline": round(100 * decode / roofline_tok_s, 1),
         "percent_of_held_roofline_best": round(100 * best / roofline_tok_s, 1),
+        "percent_of_stored_roofline": round(100 * decode / stored_roofline_tok_s, 1),
         "loadavg_1min_median": round(statistics.median(r["loadavg_before"][0] for r in runs), 2),
         "decode_tokens_per_s_all": [round(r["decode_tokens_per_s"], 3) for r in runs],
         "prefill_tokens_per_s_all": [round(r["prefill_tokens_per_s"], 2) for r in runs],
@@ -485,7 +518,10 @@ def main() -> int:
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=2, help="fresh processes per configuration (medians reported)")
     parser.add_argument("--threads", type=int, help="torch threads for every measurement (default: torch's choice)")
-    parser.add_argument("--rules", default="deepseek-v2-lite-cpu")
+    parser.add_argument("--rules", default="deepseek-v2-lite-cpu,deepseek-v2-lite-cpu-torch",
+                        help="kt rule files to measure, comma-separated (default: the CPU engine and the torch path)")
+    parser.add_argument("--llama-bench", type=Path, metavar="BINARY",
+                        help="also run llama.cpp's llama-bench from this path on the same file (an outside baseline)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--experts-implementations", default=",".join(EXPERTS_IMPLEMENTATIONS),
                         help="transformers experts implementations to measure, comma-separated ('' for none)")
@@ -522,7 +558,8 @@ def main() -> int:
     # users is spread over all of them rather than falling on one.
     configs: list[tuple[str, list[str]]] = []
     if not args.skip_kt:
-        configs.append(("kt_torch", kt_bench_cmd(args.gguf, args)))
+        for rules in [r for r in args.rules.split(",") if r]:
+            configs.append((f"kt[{rules}]", kt_bench_cmd(args.gguf, rules, args)))
     for impl in [s for s in args.experts_implementations.split(",") if s]:
         cmd = [sys.executable, str(Path(__file__).resolve()), str(args.gguf), "--hf-worker", impl,
                "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len), "--dtype", args.dtype]
@@ -538,11 +575,14 @@ def main() -> int:
             run["read_bandwidth_gbps_before"] = probe.gbps_median
             measurements[key].append(run)
             print(f"{key} #{i}: {run}", file=sys.stderr)
+    if args.llama_bench is not None:
+        report["llama_cpp"] = llama_bench(args.llama_bench, args.gguf, args, threads)
+        print(f"llama.cpp: {report['llama_cpp']}", file=sys.stderr)
     if args.breakdown:
         cmd = [sys.executable, str(Path(__file__).resolve()), str(args.gguf), "--kt-breakdown-worker",
-               "--rules", args.rules, "--dtype", args.dtype, "--prompt-len", str(args.prompt_len),
+               "--rules", args.rules.split(",")[-1], "--dtype", args.dtype, "--prompt-len", str(args.prompt_len),
                "--gen-len", str(args.gen_len)] + (["--threads", str(args.threads)] if args.threads else [])
-        report["kt_torch_decode_breakdown"] = run_json_process(cmd, args.timeout)
+        report["kt_decode_breakdown"] = run_json_process(cmd, args.timeout)
         print(f"breakdown: {report['kt_torch_decode_breakdown']}", file=sys.stderr)
     bandwidth.append(asdict(measure_read_bandwidth(args.bandwidth_gib, 7, threads)))
     gemv_end = asdict(measure_gemv_bandwidth(args.bandwidth_gib, 3, threads, dtype=dtype))
@@ -567,7 +607,7 @@ def main() -> int:
                  "computing on the blocks); bound_torch_linear: the rate PyTorch's one-token F.linear streams "
                  f"{args.dtype} weights here, i.e. the ceiling of any path made of torch matmuls"),
     }
-    report["results"] = {k: summarize(v, held_bound) for k, v in measurements.items()}
+    report["results"] = {k: summarize(v, held_bound, stored_bound) for k, v in measurements.items()}
     hf = {k: v for k, v in report["results"].items() if k.startswith("transformers_")}
     if hf:
         report["transformers_best"] = max(hf, key=lambda k: hf[k]["decode_tokens_per_s"])

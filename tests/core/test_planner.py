@@ -176,5 +176,6 @@ def test_qwen_plan(rules_from):
     result = plan(model, load_rules(find_rule_file("qwen2-moe-cpu"), get_registry()))
     assert result["model.layers.0.mlp.experts"].operator == "KTransformersExperts"
     assert result["model.layers.0.mlp.shared_expert_gate"].operator == "KTransformersLinear"
-    assert result["model.layers.0.self_attn.q_proj"].operator == "default"
+    assert result["model.layers.0.self_attn.q_proj"].operator == "KTransformersLinear"
+    assert result["model.layers.0.self_attn"].operator == "default"  # transformers' attention, kept
     assert not result.diagnostics

@@ -6,10 +6,18 @@ greedily twice from the same GGUF: with the shipped CPU rules (KExpertsCPU: the 
 the Q8_0 blocks, with Q8_0-quantized activations) and with their ``-torch`` variants
 (KExpertsTorch on the dequantized experts).
 
-The engine's activation quantization (each value off by at most 1/254 of its block's
-largest, see cpuinfer_refs) moves these models' logits by ~1e-3 of their scale. So:
-* along the reference's greedy path (teacher-forced), every step's logits must agree
-  within LOGIT_TOL of the logit scale;
+The shipped CPU rules run every linear layer on the engine too (attention's projections,
+shared experts, lm_head), so a token's path from the embedding to the logits passes about
+a dozen products with quantized activations. Each value is off by at most 1/254 of its
+block's largest (see cpuinfer_refs), which is ~0.2% RMS relative error per product; a
+dozen of them, compounding through the residual stream, give ~0.7% RMS, and the largest
+of 512 logits' errors lands near three times that: 2-2.5% of the logit scale measured
+on these models. The error is not uniform over steps: single steps reach 5% here (and
+6.5% with only the dense linears on the engine), against 0.4% with only the experts on
+it, so the tiny models' dense path amplifies some steps' errors. The bound on every step
+is therefore STEP_TOL, and LOGIT_TOL holds for the median step. So:
+* along the reference's greedy path (teacher-forced), the median step's logits must agree
+  within LOGIT_TOL of the logit scale, and every step's within STEP_TOL;
 * the greedy tokens must be identical for all STEPS; the prompt is one whose reference
   path has no near-tie (smallest top-2 gap 0.06 for Qwen; a prompt with a 2e-4 gap at
   step 2 does flip there). Should a later change of the models bring a near-tie onto the
@@ -20,6 +28,7 @@ largest, see cpuinfer_refs) moves these models' logits by ~1e-3 of their scale. 
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -31,7 +40,8 @@ from kt_core.rules.shipped import find_rule_file
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 STEPS = 16
-LOGIT_TOL = 1.5e-2
+LOGIT_TOL = 3e-2
+STEP_TOL = 1e-1
 MODELS = {
     "deepseek-v2-lite": (lambda vocab: deepseek_v2_config(vocab_size=vocab, q_lora_rank=None), "deepseek-v2-lite-cpu"),
     "qwen2-moe": (lambda vocab: qwen2_moe_config(vocab_size=vocab), "qwen2-moe-cpu"),
@@ -112,8 +122,9 @@ def test_cpu_engine_generates_the_torch_backend_tokens(kind, tmp_path, tokenizer
     engine_steps, engine_backend = path_logits(gguf, engine_rules, tokenizer, expected)
     assert (ref_backend.__name__, engine_backend.__name__) == ("KExpertsTorch", "KExpertsCPU")
     assert [int(step.argmax()) for step in ref_steps] == expected
-    for ref, engine in zip(ref_steps, engine_steps, strict=True):
-        torch.testing.assert_close(engine, ref, rtol=0, atol=float(LOGIT_TOL * ref.abs().max()))
+    errors = [float((engine - ref).abs().max() / ref.abs().max()) for ref, engine in zip(ref_steps, engine_steps, strict=True)]
+    assert statistics.median(errors) <= LOGIT_TOL, errors
+    assert max(errors) <= STEP_TOL, errors
 
     first_difference = next((i for i, (a, b) in enumerate(zip(tokens, expected, strict=True)) if a != b), STEPS)
     if first_difference < STEPS:

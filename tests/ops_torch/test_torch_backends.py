@@ -33,6 +33,27 @@ def test_linear_matches_nn_linear(bias):
     assert torch.equal(op(x), ref(x))
 
 
+def test_linear_on_one_row_never_copies_the_weight():
+    """The logits of a prefill come from ``hidden[:, -1:]``, a [1, 1, H] tensor; torch's
+    matmul multiplies such a 3-D input of one row as a bmm against a copied [1, in, out]
+    weight (420 MB per call for DeepSeek's lm_head). The backend multiplies rows as one
+    2-D matrix instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ref = nn.Linear(256, 1024, bias=False, dtype=torch.bfloat16)  # the slow path is bfloat16's
+    op = KLinearTorch("l", StateDictSource({"l.weight": ref.weight.detach()}), deepseek_v2_config(), ref,
+                      dtype="bfloat16")
+    op.load()
+    hidden = torch.randn(1, 6, 256, dtype=torch.bfloat16)
+    last = hidden[:, -1:]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = op(last)
+    copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone") and 256 * 1024 in
+              [int(torch.tensor(s).prod()) for s in e.input_shapes if s]]
+    assert not copies, [(e.name, e.input_shapes) for e in copies]
+    torch.testing.assert_close(out, ref(last), rtol=0, atol=0)  # same bf16 kernel, same order
+
+
 def test_linear_bfloat16_dtype_computes_in_bf16_and_returns_input_dtype():
     ref = nn.Linear(32, 16)
     source = StateDictSource({f"l.{k}": v for k, v in ref.state_dict().items()})

@@ -75,11 +75,21 @@ def absorbed_attention(
     Shapes: `q_nope` [b, H, s, nope], `q_pe` [b, H, s, rope], `c_kv` [b, 1, T, kv_lora],
     `k_pe` [b, 1, T, rope], `visible` bool [b, 1, s, T] (True where a query sees a key).
     """
+    b, heads, s, _ = q_nope.shape
+    keys = c_kv.shape[-2]
     q_latent = torch.matmul(q_nope, w_uk)  # [b, H, s, kv_lora]
-    scores = torch.matmul(q_latent, c_kv.transpose(-1, -2)) + torch.matmul(q_pe, k_pe.transpose(-1, -2))
-    probs = _probabilities(scores, scale, visible, c_kv.dtype)
-    context_latent = torch.matmul(probs, c_kv)  # [b, H, s, kv_lora]
+    # Every head attends to the same single latent "head", so heads fold into query rows and
+    # each product is one [H*s, d] x [d, T] matrix per batch: a broadcast 4-D matmul against
+    # the transposed cache takes a slow generic path in bfloat16 on the CPU (~20x slower).
+    scores = torch.bmm(_rows(q_latent), c_kv[:, 0].transpose(1, 2)) + torch.bmm(_rows(q_pe), k_pe[:, 0].transpose(1, 2))
+    probs = _probabilities(scores.view(b, heads, s, keys), scale, visible, c_kv.dtype)
+    context_latent = torch.bmm(_rows(probs), c_kv[:, 0]).view(b, heads, s, -1)  # [b, H, s, kv_lora]
     return torch.matmul(context_latent, w_uv.transpose(-1, -2))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[b, H, s, d] as [b, H*s, d]: all heads' queries as rows of one matrix per batch."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3])
 
 
 def expanded_attention(

@@ -43,5 +43,9 @@ class KLinearTorch(LinearBackend):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             raise RuntimeError(f"KLinearTorch at {self.key} used before load()")
-        out = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-        return out.to(x.dtype)
+        # Rows as one 2-D matrix: for a 3-D input of one row ([1, 1, in]: a decode step, or
+        # the last position of a prefill for the logits) torch 2.13's matmul takes a bmm
+        # path that first copies the whole weight: 2.5 s per call for DeepSeek's bf16 lm_head.
+        rows = x.reshape(-1, x.shape[-1]).to(self.weight.dtype).contiguous()
+        out = F.linear(rows, self.weight, self.bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
