@@ -62,6 +62,26 @@ def test_recursive_false_covers_submodules(deepseek, rules_from):
     assert result["model.layers.1.mlp.shared_experts.up_proj"].operator == "KTransformersLinear"
 
 
+def test_recursive_false_on_default_keeps_the_subtree_whole(deepseek, rules_from):
+    """``default`` + ``recursive: false`` stops the walk too: later rules never see the submodules."""
+    rules = rules_from(
+        r"""
+        - match: {name: "\\.self_attn$"}
+          replace: {class: default, kwargs: {generate_device: "cuda:0"}}
+          recursive: false
+        - match: {class: torch.nn.Linear, name: "self_attn"}
+          replace: {class: KTransformersLinear}
+        """
+    )
+    result = plan(deepseek, rules)
+    q = result["model.layers.1.self_attn.q_a_proj"]
+    assert (q.origin, q.operator, q.device, q.rule) == ("covered", "default", "cuda:0", None)
+    assert q.covered_by == "model.layers.1.self_attn"
+    assert not any("self_attn" in d.module for d in result.replacements())
+    (warning,) = result.diagnostics
+    assert "inside modules kept (default) with recursive: false" in warning.message
+
+
 def test_recursive_true_lets_inner_rules_apply(deepseek, rules_from):
     rules = rules_from(
         r"""

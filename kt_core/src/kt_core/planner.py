@@ -6,8 +6,11 @@ device map. It walks the module tree in pre-order, exactly as the tutorial descr
 - rules are tried in file order and the first whose ``name`` regex (``re.search`` over
   the dotted path) and ``class`` (``isinstance``) both hold decides the module;
 - ``default`` keeps the module and applies its kwargs (its device);
-- ``recursive: false`` on a replacing rule stops the walk: the submodules belong to the
-  operator (`origin="covered"`) and no rule sees them;
+- ``recursive: false`` stops the walk: no later rule sees the submodules
+  (`origin="covered"`). Below a replacing rule they belong to the operator; below
+  ``default`` they stay the original modules, on the kept module's device (the
+  tutorial: "whether to recursively inject this module's submodules", whatever the
+  replacement);
 - a module no rule decides is placed on the device of its nearest decided ancestor
   (`origin="inherited"`), which is what the tutorial's "place all previously unmatched
   layers and their submodules" rules rely on; with no decided ancestor it goes to
@@ -179,10 +182,11 @@ def plan(
         decision = Decision(name, cls_name, chosen.index, chosen.operator_name, device, "rule", kwargs)
         decisions.append(decision)
         replaced[name] = decision
-        stops = chosen.operator is not None and not chosen.recursive
+        stops = not chosen.recursive
         _push_children(stack, name, module, device, name if stops else None)
 
-    diagnostics = _rule_diagnostics(rules, matched, decided, covered_matches)
+    kept = {name for name, d in replaced.items() if d.operator == DEFAULT}
+    diagnostics = _rule_diagnostics(rules, matched, decided, covered_matches, kept)
     return Plan(rules, tuple(decisions), tuple(diagnostics))
 
 
@@ -194,8 +198,13 @@ def _push_children(
 
 
 def _rule_diagnostics(
-    rules: RuleSet, matched: dict[int, list[str]], decided: dict[int, int], covered: dict[int, set[str]]
+    rules: RuleSet,
+    matched: dict[int, list[str]],
+    decided: dict[int, int],
+    covered: dict[int, set[str]],
+    kept: set[str],
 ) -> list[Diagnostic]:
+    """Warnings for rules that decide nothing; `kept` names ``default`` modules with ``recursive: false``."""
     out = []
     for rule in rules:
         if decided[rule.index]:
@@ -210,8 +219,9 @@ def _rule_diagnostics(
                 f"{', '.join(map(str, shadowing))}"
             )
         elif covered[rule.index]:
+            inside = "modules kept (default)" if covered[rule.index] <= kept else "operators replaced"
             message = (
-                f"rule {rule.index} matches only modules inside operators replaced with "
+                f"rule {rule.index} matches only modules inside {inside} with "
                 f"recursive: false ({_sample(sorted(covered[rule.index]))}), so it never applies"
             )
         else:

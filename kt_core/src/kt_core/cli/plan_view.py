@@ -76,7 +76,7 @@ def _backend_cell(name: str, device: str, registry: Registry | None) -> str:
 
 def _operator_cell(d: Decision, registry: Registry | None = None) -> str:
     if d.origin == "covered":
-        return f"(inside {d.operator})"
+        return "default (inside kept module)" if d.operator == "default" else f"(inside {d.operator})"
     if d.origin == "inherited":
         return "default (inherited)"
     generate_device = d.kwargs.get("generate_device") or d.device
