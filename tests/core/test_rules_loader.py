@@ -69,6 +69,26 @@ def test_unknown_key_points_at_the_key_and_suggests(rules_from):
     ]
 
 
+def test_typo_of_a_wrapper_key_is_suggested(rules_from):
+    """Wrappers pass unknown keys on to backends, so a typo of their own keys must still be caught and named."""
+    (error,) = errors_of(
+        rules_from,
+        """
+        - match: {name: "experts$"}
+          replace:
+            class: ktransformers.operators.experts.KTransformersExperts
+            kwargs:
+              generate_op: KExpertsTorch
+              generate_devce: cpu
+          recursive: false
+        """,
+    )
+    assert error.startswith(
+        "rules.yaml:7:7: error: replace.kwargs: unknown key 'generate_devce' for KTransformersExperts with "
+        "KExpertsTorch; did you mean 'generate_device'? (expected one of: "
+    )
+
+
 def test_unknown_top_level_key(rules_from):
     (error,) = errors_of(rules_from, "- match: {name: x}\n  replace: {class: default}\n  recursve: false\n")
     assert error.startswith("rules.yaml:3:3: error: unknown key 'recursve'; did you mean 'recursive'?")

@@ -7,6 +7,7 @@ Every problem in the file is collected and reported together, each at its own
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -226,14 +227,18 @@ def _resolve_backends(
             failed = True
             continue
         result[spec.name] = {k: getattr(model, k) for k in model.model_fields_set}
-    for key in extras.keys() - claimed:
-        accepted = sorted(
-            set(type(validated).model_fields) | {k for s in backends.values() for k in s.kwargs_model.model_fields}
-        )
+    accepted = sorted(
+        set(type(validated).model_fields) | {k for s in backends.values() for k in s.kwargs_model.model_fields}
+    )
+    for key in sorted(extras.keys() - claimed):
+        # A wrapper lets unknown keys through to its backends, so a typo of one of its own
+        # keys (generate_devce) lands here and deserves the same suggestion as anywhere else.
+        close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         error(
             (*kwargs_path, key),
             f"replace.kwargs: unknown key {key!r} for {wrapper.name} with "
-            f"{' and '.join(backends)} (expected one of: {', '.join(accepted)})",
+            f"{' and '.join(backends)}{hint} (expected one of: {', '.join(accepted)})",
             at_key=True,
             rule=index,
         )
