@@ -48,6 +48,8 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "DeepseekV3MoE": "kt-models-deepseek",
     "Qwen2MoeSparseMoeBlock": "kt-models-qwen",
     "Qwen3MoeSparseMoeBlock": "kt-models-qwen",
+    f"{_KT_OPS}.RoPE.YarnRotaryEmbeddingV3": "kt-models-deepseek",
+    f"{_KT_OPS}.layer_wise_prefill.KQwen2MoeModel": "kt-models-qwen",
     f"{_KT_MODELS}.modeling_deepseek.DeepseekV2MoE": "kt-models-deepseek",
     f"{_KT_MODELS}.modeling_deepseek.DeepseekV2Attention": "kt-models-deepseek",
     f"{_KT_MODELS}.modeling_deepseek.DeepseekV2YarnRotaryEmbedding": "kt-models-deepseek",

@@ -27,12 +27,33 @@ class TransferMapKwargs(OperatorKwargs):
         description="Layer index → device: from that layer on, activations move to that device.",
     )
 
+    per_layer_prefill_intput_threshold: int = Field(
+        0,
+        description=(
+            "Accepted for KTransformers rule files (spelled as they spell it): the prompt length from "
+            "which KTransformers prefills layer by layer. kt has no layer-wise prefill, so only 0 "
+            "(off, what KTransformers' own rule files set) is accepted."
+        ),
+    )
+
     @field_validator("transfer_map")
     @classmethod
     def _non_negative(cls, value: dict[int, str]) -> dict[int, str]:
         bad = [k for k in value if k < 0]
         if bad:
             raise ValueError(f"layer indices must be >= 0, got {bad}")
+        return value
+
+    @field_validator("per_layer_prefill_intput_threshold")
+    @classmethod
+    def _layer_wise_prefill_off(cls, value: int) -> int:
+        # Accepting 0 lets KTransformers' files validate unchanged; any other value asks for
+        # behaviour kt does not have, and silently ignoring it would mislead.
+        if value != 0:
+            raise ValueError(
+                f"kt has no layer-wise prefill; only 0 (off) is accepted, got {value} "
+                "(remove the key, or set it to 0)"
+            )
         return value
 
 

@@ -53,7 +53,8 @@ def register_operators(register: Callable[..., None]) -> None:
         kind=OperatorKind.MODULE,
         summary="DeepSeek rotary embedding whose frequencies (any rope type, YaRN included) are computed at load",
         kwargs_model=RotaryKwargs,
-        aliases=(f"{_KT_OPS}.RoPE.YarnRotaryEmbedding",),
+        # KTransformers' V3 rule files name a separate V3 class; ours computes any rope type from the config.
+        aliases=(f"{_KT_OPS}.RoPE.YarnRotaryEmbedding", f"{_KT_OPS}.RoPE.YarnRotaryEmbeddingV3"),
     )
     register(
         name="KDeepseekV2Model",

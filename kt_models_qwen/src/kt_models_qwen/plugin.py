@@ -97,7 +97,8 @@ def register_operators(register: Callable[..., None]) -> None:
         kind=OperatorKind.MODULE,
         summary="Qwen2/Qwen3-MoE decoder stack with transfer_map (layer index -> device) for multi-device placement",
         kwargs_model=TransferMapKwargs,
-        aliases=("ktransformers.operators.models.KQwen2MoeModel",),
+        # KTransformers' Qwen2-57B rule file names it from its layer_wise_prefill module.
+        aliases=("ktransformers.operators.models.KQwen2MoeModel", "ktransformers.operators.layer_wise_prefill.KQwen2MoeModel"),
     )
     register(
         name="KQwen3MoeModel",
