@@ -93,3 +93,14 @@ def test_plugins_import_no_other_plugin():
                     continue
                 offenders += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in others]
     assert offenders == []
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """README's first two commands set up and run (1) the main job, (2) the tests; CI runs (2) as written."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:3]]
+    assert blocks[0].startswith("bash scripts/setup.sh && .venv/bin/kt ")
+    assert blocks[1] == "bash scripts/setup.sh && .venv/bin/python -m pytest"
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == blocks[1]
+    assert "rm -rf .venv" in ci  # from a clean state, as a fresh clone has it
