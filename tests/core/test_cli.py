@@ -131,6 +131,8 @@ def test_plugins_table(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "kt-dummy-plugin" in out and "KExpertsTorch" in out
+    moe_row = next(line for line in out.splitlines() if line.startswith("DeepseekV2Moe "))
+    assert "kt-models-deepseek" in moe_row and "ktransformers.models.modeling_deepseek.DeepseekV2MoE" in moe_row
 
 
 def test_schema_validates_shipped_rules_and_rejects_typos(tmp_path, capsys):

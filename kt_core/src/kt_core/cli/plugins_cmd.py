@@ -76,6 +76,12 @@ def run(args: argparse.Namespace) -> int:
     if ops:
         print()
         print(format_table(["OPERATOR", "KIND", "DEVICES", "PROVIDED BY", "SUMMARY"], sorted(ops)))
+    # Rules match on these names (match.class); the aliases are how KTransformers files spell them.
+    classes = [(c["name"], r["distribution"], ", ".join(c["aliases"]) or "-")
+               for r in report for c in r["model_classes"]]
+    if classes:
+        print()
+        print(format_table(["MODEL CLASS", "PROVIDED BY", "ALIASES"], sorted(classes)))
     for r in report:
         if r["error"]:
             print(f"\n{r['distribution']} failed to load: {r['error']}")
