@@ -99,6 +99,13 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
     assert "'gpu' is not a device" in messages[3]
 
 
+def test_validate_reports_every_file_even_when_one_is_missing(tmp_path, capsys):
+    assert main(["rules", "validate", str(tmp_path / "absent.yaml"), "qwen2-moe-cpu-torch"]) == 2
+    captured = capsys.readouterr()
+    assert "qwen2-moe-cpu-torch: ok" in captured.out
+    assert f"rule file '{tmp_path / 'absent.yaml'}' not found" in captured.err
+
+
 def test_model_directory_with_config(tmp_path, capsys):
     from tiny_models import qwen3_moe_config
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kt_core.cli.plan_view import format_plan
 from kt_core.devices import DeviceMap
+from kt_core.errors import KtUserError
 from kt_core.inject import check_replacements
 from kt_core.model_config import build_meta_model, resolve_config
 from kt_core.planner import Plan, plan
@@ -75,7 +76,7 @@ def run_validate(args: argparse.Namespace) -> int:
                 _print_warnings(_plan_for(name, args.model, args.device_map), args.strict)
             else:
                 load_rules(find_rule_file(name), registry)
-        except RuleFileError as exc:
+        except KtUserError as exc:  # a bad file (or a missing one) must not hide the others' results
             errors.append(str(exc))
             continue
         print(f"{name}: ok")
