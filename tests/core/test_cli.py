@@ -48,6 +48,29 @@ def test_explain_every_builtin_config(model, capsys):
     assert "modules," in out
 
 
+TORCH_RULES = {
+    "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-v2-lite-cpu-torch",
+    "deepseek-ai/DeepSeek-V2-Chat": "deepseek-v2-lite-cpu-torch",
+    "deepseek-ai/DeepSeek-V3": "deepseek-v3-cpu-torch",
+    "Qwen/Qwen2-57B-A14B-Instruct": "qwen2-moe-cpu-torch",
+    "Qwen/Qwen3-30B-A3B": "qwen3-moe-cpu-torch",
+}
+
+
+@pytest.mark.parametrize("model", BUILTIN_MODELS)
+def test_pytorch_rule_files_place_every_builtin_model_on_the_cpu(model, capsys):
+    """The all-PyTorch shipped rules: every MoE block's experts on KExpertsTorch, lm_head on KLinearTorch, all on cpu."""
+    assert main(["rules", "explain", TORCH_RULES[model], "--model", model, "--json", "--strict"]) == 0
+    rows = {r["module"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {r["device"] for r in rows.values()} == {"cpu"}
+    moe_blocks = [m for m, r in rows.items() if m.endswith(".mlp") and r["operator"].endswith(("MoE", "SparseMoeBlock"))]
+    experts = [r for m, r in rows.items() if m.endswith(".mlp.experts")]
+    assert moe_blocks and len(experts) == len(moe_blocks)
+    assert all((r["operator"], r["kwargs"]["generate_op"]) == ("KTransformersExperts", "KExpertsTorch") for r in experts)
+    assert (rows["lm_head"]["operator"], rows["lm_head"]["kwargs"]["generate_op"]) == ("KTransformersLinear", "KLinearTorch")
+    assert rows["model.embed_tokens"]["operator"] == "default" and rows["model.embed_tokens"]["rule"] is not None
+
+
 def test_explain_text_groups_layers(capsys):
     main(["rules", "explain", "deepseek-v2-lite-cpu", "--model", BUILTIN_MODELS[0]])
     out = capsys.readouterr().out
