@@ -137,3 +137,30 @@ def test_operator_on_unsupported_device_is_reported(registry, rules_from):
     )
     with pytest.raises(RuleFileError, match=r"model.norm: DummyScaledModule cannot run on cuda:0; it runs on cpu \(use --device-map"):
         inject(model, plan(model, rules), config=model.config, source=None, registry=registry)
+
+
+def test_load_unload_round_trip(registry, rules_from):
+    """`unload()` frees an operator's weights (back to meta / None); `load()` reads them again, same output."""
+    model = random_model(deepseek_v2_config())
+    rules = rules_from(
+        r"""
+        - match: {name: "^model\\.norm$"}
+          replace: {class: DummyScaledModule, kwargs: {factor: 1.0}}
+        - match: {name: "^lm_head$"}
+          replace: {class: KTransformersLinear, kwargs: {generate_op: KLinearTorch}}
+        """
+    )
+    injected, ops = injected_copy(model, rules, registry)
+    norm, head = ops
+    ids = torch.randint(0, 128, (1, 4))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(injected(ids).logits, expected, rtol=0, atol=1e-5)
+        for op in ops:
+            op.unload()
+        assert norm.weight.is_meta  # falls through to the original module's (now meta) parameter
+        assert head.generate_backend.weight is None
+        for op in ops:
+            op.load()
+        assert norm.weight.device.type == "cpu"
+        torch.testing.assert_close(injected(ids).logits, expected, rtol=0, atol=1e-5)
