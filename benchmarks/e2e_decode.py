@@ -576,7 +576,10 @@ def main() -> int:
             measurements[key].append(run)
             print(f"{key} #{i}: {run}", file=sys.stderr)
     if args.llama_bench is not None:
-        report["llama_cpp"] = llama_bench(args.llama_bench, args.gguf, args, threads)
+        try:
+            report["llama_cpp"] = llama_bench(args.llama_bench, args.gguf, args, threads)
+        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+            report["llama_cpp"] = {"error": str(exc)[-2000:]}  # an outside tool failing must not lose kt's figures
         print(f"llama.cpp: {report['llama_cpp']}", file=sys.stderr)
     if args.breakdown:
         cmd = [sys.executable, str(Path(__file__).resolve()), str(args.gguf), "--kt-breakdown-worker",
