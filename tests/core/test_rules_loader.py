@@ -172,7 +172,7 @@ def test_backend_used_as_replacement_is_explained(rules_from):
 
 def test_backend_of_the_wrong_kind(rules_from):
     (error,) = errors_of(rules_from, "- match: {name: x}\n  replace: {class: KTransformersLinear, kwargs: {generate_op: KExpertsTorch}}\n")
-    assert "replace.kwargs.generate_op: 'KExpertsTorch' is a experts-backend operator, but a linear-backend operator is expected" in error
+    assert "replace.kwargs.generate_op: 'KExpertsTorch' is an experts-backend operator, but a linear-backend operator is expected" in error
 
 
 def test_backend_kwargs_are_validated_against_chosen_backends(rules_from):

@@ -191,7 +191,8 @@ class Registry:
             raise UnknownNameError(self._unknown_message("operator", name, self.operator_names(kind)))
         if kind is not None and spec.kind != kind:
             raise UnknownNameError(
-                f"{name!r} is a {spec.kind} operator, but a {kind} operator is expected here; "
+                f"{name!r} is {_article(str(spec.kind))} {spec.kind} operator, but {_article(str(kind))} {kind} "
+                "operator is expected here; "
                 f"{kind} operators: {', '.join(self.operator_names(kind)) or 'none installed'}"
             )
         return spec
@@ -256,3 +257,8 @@ def _suggest(name: str, candidates: list[str]) -> list[str]:
         if full not in found:
             found.append(full)
     return found[:3]
+
+
+def _article(word: str) -> str:
+    """'an' before a vowel ("an experts-backend operator"), 'a' otherwise."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
