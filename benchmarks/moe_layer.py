@@ -73,7 +73,7 @@ class _RawSource:
         return TensorInfo(name, shape, t, data.nbytes)
 
     def load(self, name: str, **_: Any) -> torch.Tensor:
-        raise NotImplementedError("the benchmark's block source is raw-only")
+        raise TypeError("the benchmark's block source serves stored blocks only (raw), no float tensors")
 
     def raw(self, name: str) -> RawTensor:
         t, shape, data = self._tensors[name]

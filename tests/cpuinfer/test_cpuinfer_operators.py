@@ -148,3 +148,15 @@ def test_linear_on_state_dict_and_transformed_weights():
     assert moved.repacked_bytes == 48 * 64 * 4 and moved.weight_type == "F32"
     assert moved.memory() == BackendMemory(repacked=48 * 64 * 4)
     torch.testing.assert_close(moved(x), x @ weight.half().float().T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", ["linear", "experts"])
+def test_engine_operators_refuse_a_gpu_placement(make):
+    """The pool computes in host memory: a rule (or --device-map) putting them on a GPU is an error."""
+    source = StateDictSource({})
+    with pytest.raises(ValueError, match=r"runs on the CPU, but was placed on cuda.*set its device to 'cpu'") as error:
+        if make == "linear":
+            KLinearCPUInfer("proj", source, PretrainedConfig(), nn.Linear(64, 48, bias=False, device="meta"), "cuda:0")
+        else:
+            KExpertsCPU(KEY, source, moe_config(4, 64, 32), None, "cuda")
+    assert str(error.value).startswith("KLinearCPUInfer at proj" if make == "linear" else f"KExpertsCPU at {KEY}")

@@ -35,6 +35,9 @@ class BackendMemory:
     repacked: int = 0
     scratch: int = 0
 
+    def __add__(self, other: BackendMemory) -> BackendMemory:
+        return BackendMemory(self.mapped + other.mapped, self.repacked + other.repacked, self.scratch + other.scratch)
+
 
 class _Backend(nn.Module, abc.ABC):
     def __init__(

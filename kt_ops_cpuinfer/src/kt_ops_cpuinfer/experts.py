@@ -21,7 +21,7 @@ from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.activation import activation_name
 from kt_ops_cpuinfer.isa import current_isa
-from kt_ops_cpuinfer.pool import get_pool
+from kt_ops_cpuinfer.pool import get_pool, require_cpu
 from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, row_slice, storage_problem
 
 
@@ -46,8 +46,7 @@ class KExpertsCPU(ExpertsBackend):
         **kwargs: Any,
     ) -> None:
         super().__init__(key, gguf_loader, config, orig_module, device, **kwargs)
-        if self.device.type != "cpu":
-            raise ValueError(f"KExpertsCPU at {key} runs on the CPU, but was placed on {device}; set its device to 'cpu'")
+        require_cpu("KExpertsCPU", key, self.device)
         self.threads = threads
         self.compat_backend = backend
         self.act = activation_name(config)

@@ -18,7 +18,7 @@ from kt_core.backends import BackendMemory, LinearBackend
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.isa import current_isa
-from kt_ops_cpuinfer.pool import get_pool
+from kt_ops_cpuinfer.pool import get_pool, require_cpu
 from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, storage_problem
 
 
@@ -38,10 +38,7 @@ class KLinearCPUInfer(LinearBackend):
         **kwargs: Any,
     ) -> None:
         super().__init__(key, gguf_loader, config, orig_module, device, **kwargs)
-        if self.device.type != "cpu":
-            raise ValueError(
-                f"KLinearCPUInfer at {key} runs on the CPU, but was placed on {device}; set its device to 'cpu'"
-            )
+        require_cpu("KLinearCPUInfer", key, self.device)
         self.threads = threads
         self.compat_backend = backend
         self.isa: str | None = None

@@ -48,3 +48,9 @@ def get_pool(threads: int | None = None) -> _engine.ThreadPool:
         if pool is None:
             pool = _pools[count] = _engine.ThreadPool(count)
         return pool
+
+
+def require_cpu(operator: str, key: str, device: object) -> None:
+    """Refuse a placement off the CPU: the engine's pool computes in host memory only."""
+    if getattr(device, "type", device) != "cpu":
+        raise ValueError(f"{operator} at {key} runs on the CPU, but was placed on {device}; set its device to 'cpu'")

@@ -35,15 +35,11 @@ def _tensor_bytes(model: nn.Module) -> dict[str, int]:
 
 def _backend_memory(model: nn.Module) -> dict[str, BackendMemory]:
     """Sum of `memory()` over the model's backends, by backend class (those holding anything)."""
-    sums: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    sums: dict[str, BackendMemory] = defaultdict(BackendMemory)
     for module in model.modules():
         if isinstance(module, _Backend):
-            m = module.memory()
-            s = sums[type(module).__name__]
-            s[0] += m.mapped
-            s[1] += m.repacked
-            s[2] += m.scratch
-    return {name: BackendMemory(*values) for name, values in sorted(sums.items()) if any(values)}
+            sums[type(module).__name__] += module.memory()
+    return {name: m for name, m in sorted(sums.items()) if m != BackendMemory()}
 
 
 def memory_report(model: nn.Module) -> dict[str, Any]:
