@@ -80,3 +80,59 @@ def test_refuses_to_overwrite_without_force(tmp_path, capsys):
 def test_not_a_model_directory(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x.gguf")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# Relative RMS error bounds of a read-back tensor, by the GGML type it is stored as. They
+# are test_quantize.py's GAUSSIAN_BOUND (derived there from each format's step size, and
+# measured on 64k gaussian values) plus 25% headroom: here a tensor may hold as few as 8k
+# values (32 K-quant super-blocks), so its error estimate varies more. Weights of
+# `random_model` are gaussian, as those bounds assume.
+READ_BACK_BOUND = {
+    "F32": 0.0,
+    "F16": 0.00025 * 1.25,
+    "BF16": 0.0019 * 1.25,
+    "Q8_0": 0.0060 * 1.25,
+    "Q4_0": 0.095 * 1.25,
+    "Q4_K": 0.077 * 1.25,
+    "Q5_K": 0.038 * 1.25,
+    "Q6_K": 0.0187 * 1.25,
+}
+
+
+@pytest.fixture(scope="module")
+def k_quant_sized(tmp_path_factory):
+    """A DeepSeek-V2-Lite whose rows of 256 take K-quants and rows of 96/16 fall back."""
+    folder = tmp_path_factory.mktemp("k-quant-sized")
+    model, _ = saved("deepseek-v2-lite", folder, hidden_size=256, moe_intermediate_size=96, intermediate_size=512)
+    return folder, model
+
+
+@pytest.mark.parametrize("ggml_type", sorted(READ_BACK_BOUND))
+def test_converted_file_decodes_like_gguf_py_within_the_types_bound(ggml_type, k_quant_sized, tmp_path):
+    """Every tensor of a `kt convert` output, decoded by kt, equals gguf-py's decoding bit
+    for bit (through gguf-py's own reader, independent of ours), and the weights read back
+    by name are within the bound of the type each is stored as."""
+    from kt_core.quant.dequantize import dequantize
+    from kt_core.weights.gguf_file import open_gguf
+
+    folder, model = k_quant_sized
+    out = tmp_path / f"m-{ggml_type}.gguf"
+    assert main(["convert", str(folder), str(out), "--type", ggml_type]) == 0
+
+    reader = gguf.GGUFReader(out)
+    stored_types = {t.tensor_type.name for t in reader.tensors}
+    assert ggml_type in stored_types
+    with open_gguf(out) as ours:
+        for theirs in reader.tensors:
+            tensor = ours.tensors[theirs.name]
+            expected = gguf.quants.dequantize(theirs.data, theirs.tensor_type).astype("float32")
+            got = dequantize(tensor.data, tensor.ggml_type, tensor.shape)
+            assert torch.equal(got, torch.from_numpy(expected.reshape(tensor.shape))), theirs.name
+
+    source = open_model(None, str(out), get_registry()).source
+    for name, tensor in model.state_dict().items():
+        types = {t.ggml_type for t in source.gguf_tensors(name)}
+        bound = max(READ_BACK_BOUND[t] for t in types)
+        got = source.load(name, dtype=torch.float32)
+        rel = float((got - tensor).norm() / tensor.norm())
+        assert rel <= bound, (name, sorted(types), rel)
