@@ -432,3 +432,40 @@ def test_gguf_cli(small: tuple[Path, dict[str, np.ndarray]], capsys: pytest.Capt
         args.handler(args)
     with pytest.raises(SystemExit):
         parser.parse_args(["gguf"])
+
+
+def _damaged_variants(plain: Path) -> dict[str, Path]:
+    """Copies of `plain` with each kind of damage the CLI must report cleanly."""
+    raw = plain.read_bytes()
+    type_at = _tensor_info_offset(plain, "w.weight") + 4 + 2 * 8
+    patches = {
+        "wrong-magic": (0, b"GGUX"),
+        "unknown-type": (type_at, struct.pack("<I", 250)),
+        "offset-beyond": (type_at + 4, struct.pack("<Q", 1 << 40)),
+    }
+    variants = {"truncated": raw[:-16], "cut-in-header": raw[:40], "empty": b""}
+    for name, (at, data) in patches.items():
+        damaged = bytearray(raw)
+        damaged[at : at + len(data)] = data
+        variants[name] = bytes(damaged)
+    paths = {}
+    for name, data in variants.items():
+        paths[name] = plain.with_name(f"{name}.gguf")
+        paths[name].write_bytes(data)
+    return paths
+
+
+@pytest.mark.parametrize("command", [["gguf", "inspect"], ["gguf", "inspect", "--json"], ["generate", "--model"]])
+def test_cli_reports_damaged_files_with_exit_code_2(
+    plain: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kt` turns every GGUFFormatError into one 'kt: error:' line naming the file, exit 2."""
+    from kt_core.cli.main import main
+
+    extra = ["--rules", "qwen3-moe-cpu-torch", "--prompt", "x"] if command[0] == "generate" else []
+    for kind, path in _damaged_variants(plain).items():
+        args = [*command[:2], str(path), *command[2:], *extra]
+        assert main(args) == 2, (kind, args)
+        err = capsys.readouterr().err
+        assert err.startswith("kt: error: ") and str(path) in err, (kind, err)
+        assert "Traceback" not in err and err.count("\n") <= 2, (kind, err)
