@@ -86,9 +86,11 @@ def _dtype_for(full_name: str, dtype: torch.dtype, fp32_patterns: list[str]) -> 
 def check_source(model: nn.Module, source: WeightSource, config: PretrainedConfig) -> list[str]:
     """Check the source holds every stored tensor of the (meta, not yet injected) model.
 
-    Missing tensors and shape mismatches are all listed in one error naming the source;
-    tensors of modules the model does not have (e.g. extra prediction layers) are
-    returned as warnings.
+    Missing tensors and shape mismatches are all listed in one error naming the source,
+    together with the source's tensors the model has no place for: beside a missing
+    tensor those usually show what went wrong (another model, another naming). Unused
+    tensors alone are only returned as warnings, because real checkpoints carry some
+    (DeepSeek-V3's multi-token-prediction layer, which transformers does not build).
     """
     missing, mismatched = [], []
     expected = model.state_dict(keep_vars=True)
@@ -100,6 +102,8 @@ def check_source(model: nn.Module, source: WeightSource, config: PretrainedConfi
         shape = tuple(source.info(lookup).shape)
         if shape != tuple(tensor.shape):
             mismatched.append(f"{full}: source has {shape}, model expects {tuple(tensor.shape)}")
+    modules = dict(model.named_modules())
+    unexpected = sorted(n for n in source.names() if not _belongs_to(n, modules))
     if missing or mismatched:
         lines = [f"{source.description} does not match the model ({type(model).__name__}):"]
         if missing:
@@ -108,10 +112,11 @@ def check_source(model: nn.Module, source: WeightSource, config: PretrainedConfi
         if mismatched:
             lines.append(f"  shape mismatches ({len(mismatched)}):")
             lines += [f"    {m}" for m in mismatched[:12]]
+        if unexpected:
+            shown = ", ".join(unexpected[:12]) + (" …" if len(unexpected) > 12 else "")
+            lines.append(f"  unexpected tensors, not used by the model ({len(unexpected)}): {shown}")
         lines.append("Check that the weights belong to this model and config.")
         raise KtUserError("\n".join(lines))
-    modules = dict(model.named_modules())
-    unexpected = sorted(n for n in source.names() if not _belongs_to(n, modules))
     if not unexpected:
         return []
     shown = ", ".join(unexpected[:6]) + (" …" if len(unexpected) > 6 else "")
