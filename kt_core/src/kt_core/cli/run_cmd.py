@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    """Check the generation arguments before anything is loaded, so a typo costs no load time."""
+    if args.max_new_tokens < 0:
+        raise KtUserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.max_length < 1:
+        raise KtUserError(f"--max-length must be >= 1, got {args.max_length}")
     try:
         return SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as exc:

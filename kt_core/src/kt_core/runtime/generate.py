@@ -105,12 +105,19 @@ def generate(
     decode_text: Callable[[list[int]], str] | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> GenerationResult:
-    """Generate up to `max_new_tokens` tokens after `prompt_ids`, streaming text through `on_text`."""
+    """Generate up to `max_new_tokens` tokens after `prompt_ids`, streaming text through `on_text`.
+
+    ``max_new_tokens == 0`` only prefills (the prompt enters the cache, nothing is generated).
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sampler = Sampler(sampling)
     decode_text = decode_text or (lambda tokens: "")
     t0 = time.perf_counter()
     logits, reused = session.prefill(prompt_ids)
-    token = sampler(logits)
+    if max_new_tokens == 0:
+        return GenerationResult(len(prompt_ids), [], "", time.perf_counter() - t0, 0.0, "length", reused)
+    token = sampler(logits)  # the first token is part of prefill's cost
     prefill_s = time.perf_counter() - t0
     tokens: list[int] = []
     emitted = ""

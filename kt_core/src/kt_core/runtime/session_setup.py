@@ -43,12 +43,13 @@ def open_runtime(
     registry = get_registry()
     start = time.perf_counter()
     rule_set = load_rules(find_rule_file(rules), registry)  # validate rules before touching weights
+    devices = DeviceMap.parse(device_map)
     inputs = open_model(model, gguf, registry)
     if inputs.tokenizer is None:
         raise KtUserError(f"{inputs.description}: no tokenizer found (a model directory needs tokenizer.json)")
     loaded = load_model(
         inputs.config, rule_set, inputs.source, registry,
-        device_map=DeviceMap.parse(device_map), dtype=DTYPES[dtype], show_progress=None if not quiet else False,
+        device_map=devices, dtype=DTYPES[dtype], show_progress=None if not quiet else False,
     )
     for warning in [str(d) for d in loaded.plan.diagnostics] + loaded.warnings:
         print(f"kt: warning: {warning}", file=sys.stderr)
