@@ -18,7 +18,7 @@ from kt_core.errors import KtUserError
 from kt_core.model_config import resolve_config
 from kt_core.registry import Registry
 from kt_core.weights.gguf_file import open_gguf
-from kt_core.weights.gguf_source import GGUFSource, unsupported_tensors
+from kt_core.weights.gguf_source import GGUFSource, undecodable_tensors_error
 from kt_core.weights.gguf_tokenizer import tokenizer_from_gguf
 from kt_core.weights.safetensors_source import SafetensorsSource
 from kt_core.weights.source import WeightSource
@@ -83,11 +83,8 @@ def _open_gguf(path: Path, model: str | None, registry: Registry) -> ModelInputs
     if tokenizer is None and "tokenizer.ggml.tokens" in file.metadata:
         tokenizer = tokenizer_from_gguf(file.metadata)
     source = GGUFSource(file, family.name_map(config, frozenset(file.tensors)))
-    bad = unsupported_tensors(source)
-    if bad:
-        shown = ", ".join(f"{n} ({t})" for n, t in bad[:6]) + (" …" if len(bad) > 6 else "")
-        raise KtUserError(
-            f"{path}: {len(bad)} tensors have GGML types kt cannot dequantize: {shown}. "
-            "Convert the model with a supported type (kt gguf inspect lists the types)."
-        )
+    error = undecodable_tensors_error(source, path)
+    if error is not None:
+        file.close()
+        raise error
     return ModelInputs(config, source, tokenizer, file.description)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -201,11 +202,46 @@ def unsupported_tensors(source: GGUFSource) -> list[tuple[str, str]]:
     return found
 
 
+
+def undecodable_tensors_error(source: GGUFSource, path: str | Path) -> UnsupportedTypeError | None:
+    """One error for every GGUF tensor of `source` whose type kt cannot decode, or None.
+
+    Raised when the model is opened, before planning and loading, so an unusual
+    quantization stops the run at once. Each GGUF tensor is named once, with its type
+    and the transformers names the plan would read it as (an expert tensor is offered
+    under several). No installed operator can use such a tensor: operators either read
+    tensors dequantized by `kt_core.quant.dequantize` or compute on the blocks of a
+    subset of its types (the CPU engine), so the error says which types would work.
+    """
+    found: dict[str, tuple[str, list[str]]] = {}
+    for name, ggml_type in unsupported_tensors(source):
+        for tensor in source.gguf_tensors(name):
+            if tensor.ggml_type == ggml_type:
+                found.setdefault(tensor.name, (ggml_type, []))[1].append(name)
+                break
+    if not found:
+        return None
+    shown = [
+        f"{gguf_name} ({ggml_type}; read as {', '.join(hf_names)})"
+        for gguf_name, (ggml_type, hf_names) in list(found.items())[:6]
+    ]
+    more = f"\n  … and {len(found) - 6} more" if len(found) > 6 else ""
+    types = sorted({ggml_type for ggml_type, _ in found.values()})
+    return UnsupportedTypeError(
+        f"{path}: {len(found)} GGUF tensor(s) use GGML type(s) {', '.join(types)}, which no installed operator "
+        f"can use:\n  " + "\n  ".join(shown) + more + "\n"
+        f"Operators read weights dequantized by kt (supported: {', '.join(sorted(supported_types()))}) or "
+        "compute on the blocks of some of those types; re-quantize the model to one of them "
+        "(kt gguf inspect FILE lists the types a file uses)."
+    )
+
+
 __all__ = [
     "GGUFSource",
     "PLAIN_TYPES",
     "RawUnavailableError",
     "UnsupportedTypeError",
     "supported_types",
+    "undecodable_tensors_error",
     "unsupported_tensors",
 ]
