@@ -115,6 +115,32 @@ def test_prefill_threshold_selects_the_backend(registry, rules_from):
         torch.testing.assert_close(lm_head(y), model.lm_head(y) + 1.0)  # 4 tokens: prefill backend
 
 
+@pytest.mark.parametrize(("num_tokens", "backend"), [(1, "generate"), (3, "generate"), (4, "prefill"), (9, "prefill")])
+def test_prefill_threshold_selects_the_experts_backend(num_tokens, backend, registry, rules_from):
+    """KTransformersExperts counts tokens ([T, H] rows) like the linear wrapper; a decode step is 1 row."""
+    model = random_model(qwen3_moe_config())
+    rules = rules_from(
+        r"""
+        - match: {name: "^model\\.layers\\.0\\.mlp\\.experts$"}
+          replace:
+            class: KTransformersExperts
+            kwargs: {generate_op: KExpertsTorch, prefill_op: KExpertsDummyOffset, offset: 1.0, prefill_threshold: 4}
+          recursive: false
+        """
+    )
+    injected, _ = injected_copy(model, rules, registry)
+    experts, original = injected.model.layers[0].mlp.experts, model.model.layers[0].mlp.experts
+    assert isinstance(experts, KTransformersExperts)
+    torch.manual_seed(0)
+    x = torch.randn(num_tokens, model.config.hidden_size)
+    ids = torch.stack([torch.randperm(model.config.num_experts)[:2] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, 2)
+    with torch.no_grad():
+        expected = original(x, ids, weights) + (1.0 if backend == "prefill" else 0.0)
+        # Both backends compute in float32 in other summation orders than transformers: a few ulps.
+        torch.testing.assert_close(experts(x, ids, weights), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_operator_on_wrong_module_class_is_reported(registry, rules_from):
     model = random_model(deepseek_v2_config())
     rules = rules_from(

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kt_core import BaseInjectedModule, LinearBackend
+from kt_core import BaseInjectedModule, ExpertsBackend, LinearBackend
 
 IMPORTED = True
 
@@ -39,3 +39,32 @@ class KLinearDummyOffset(LinearBackend):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + self.offset
+
+
+class KExpertsDummyOffset(ExpertsBackend):
+    """Routed experts the plain way (a loop over tokens and their top-k), plus a constant offset.
+
+    The offset makes its output distinguishable from any other experts backend, so tests
+    can tell which backend a wrapper dispatched a call to.
+    """
+
+    def __init__(self, key, gguf_loader, config, orig_module, device="cpu", offset: float = 0.0, **kwargs):
+        super().__init__(key, gguf_loader, config, orig_module, device, **kwargs)
+        self.offset = offset
+        self.weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def load(self) -> None:
+        self.weights = self.load_expert_weights(dtype=torch.float32)
+
+    def unload(self) -> None:
+        self.weights = None
+
+    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        assert self.weights is not None, "load() first"
+        gate, up, down = self.weights
+        out = torch.zeros_like(hidden_states)
+        for t in range(hidden_states.shape[0]):
+            x = hidden_states[t]
+            for e, w in zip(topk_ids[t].tolist(), topk_weights[t], strict=True):
+                out[t] += w * (down[e] @ (F.silu(gate[e] @ x) * (up[e] @ x)))
+        return out + self.offset

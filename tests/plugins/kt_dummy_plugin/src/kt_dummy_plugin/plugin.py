@@ -1,4 +1,4 @@
-"""Registers a module operator and a linear backend, as a third-party author would."""
+"""Registers a module operator, a linear and an experts backend, as a third-party author would."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def register_operators(register: Callable[..., None]) -> None:
         target="kt_dummy_plugin.ops:KLinearDummyOffset",
         kind=OperatorKind.LINEAR_BACKEND,
         summary="float linear plus a constant offset (test plugin)",
+        kwargs_model=OffsetKwargs,
+        devices=("cpu",),
+    )
+    register(
+        name="KExpertsDummyOffset",
+        target="kt_dummy_plugin.ops:KExpertsDummyOffset",
+        kind=OperatorKind.EXPERTS_BACKEND,
+        summary="routed experts by a plain loop plus a constant offset (test plugin)",
         kwargs_model=OffsetKwargs,
         devices=("cpu",),
     )
