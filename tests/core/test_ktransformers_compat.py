@@ -82,3 +82,36 @@ def test_layer_wise_prefill_other_than_off_is_refused_with_the_reason(rules_from
 def test_compat_aliases_name_their_distribution_when_it_is_absent(name, provider):
     with pytest.raises(UnknownNameError, match=f"provided by {provider}, which is not installed"):
         load_plugins([]).registry.resolve_operator(name)
+
+
+# Each operator issue 4 names, with the class string KTransformers' rule files use for it
+# and one kwarg its kwargs model must declare beyond the devices (None: devices only).
+KT_NAMED_OPERATORS = [
+    ("KDeepseekV2Attention", f"{OPS}.attention.KDeepseekV2Attention", "prefill_threshold"),
+    ("KDeepseekV2MoE", f"{OPS}.experts.KDeepseekV2MoE", None),
+    ("KDeepseekV3MoE", f"{OPS}.experts.KDeepseekV3MoE", None),
+    ("KDeepseekV2Model", f"{OPS}.models.KDeepseekV2Model", "transfer_map"),
+    ("YarnRotaryEmbedding", f"{OPS}.RoPE.YarnRotaryEmbedding", None),
+    ("KQwen2MoeSparseMoeBlock", f"{OPS}.experts.KQwen2MoeSparseMoeBlock", None),
+    ("KQwen3MoeSparseMoeBlock", f"{OPS}.experts.KQwen3MoeSparseMoeBlock", None),
+    ("KQwen2MoeModel", f"{OPS}.models.KQwen2MoeModel", "transfer_map"),
+    ("RotaryEmbedding", f"{OPS}.RoPE.RotaryEmbedding", None),
+    ("KTransformersLinear", f"{OPS}.linear.KTransformersLinear", "prefill_threshold"),
+    ("KTransformersExperts", f"{OPS}.experts.KTransformersExperts", "prefill_threshold"),
+]
+
+
+@pytest.mark.parametrize(("name", "alias", "kwarg"), KT_NAMED_OPERATORS, ids=[n for n, _, _ in KT_NAMED_OPERATORS])
+def test_operators_have_their_ktransformers_alias_and_a_kwargs_model(name, alias, kwarg, registry):
+    spec = registry.resolve_operator(alias)
+    assert spec.name == name
+    fields = spec.kwargs_model.model_fields
+    assert {"generate_device", "prefill_device"} <= set(fields)
+    if kwarg is not None:
+        assert kwarg in fields
+    if spec.kwargs_model.model_config.get("extra") == "forbid":
+        # A typo is rejected, not passed to the constructor. (The wrappers allow extra keys,
+        # which the rule loader checks against their backends' kwargs: test_rules_loader.py.)
+        with pytest.raises(ValueError, match="generate_devce"):
+            spec.kwargs_model(generate_devce="cpu")
+    assert spec.load_class().__name__ == name
