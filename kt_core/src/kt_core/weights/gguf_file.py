@@ -12,6 +12,13 @@ or an allocation depends on it, and every problem is reported as a `GGUFFormatEr
 naming the file, what was expected and what to do. A downloaded-but-truncated or
 corrupt file is the common case this guards against.
 
+Why not `gguf.GGUFReader`: it decodes every metadata array up front (a 150k-entry
+vocabulary becomes 150k numpy parts before the first tensor is known) and trusts the
+header, so damage surfaces as a bare ``ValueError: cannot reshape array`` or an
+``IndexError`` with no file name. The `gguf` package still supplies what it is the
+reference for (`GGMLQuantizationType`, `GGML_QUANT_SIZES`), and the tests check this
+parser's metadata and tensor table against `GGUFReader` on the same files.
+
 Large models come split into ``NAME-00001-of-00003.gguf``-style parts (llama.cpp's
 ``gguf-split``). `open_gguf` opens exactly the parts that naming pattern names, checks
 them against the ``split.*`` metadata, and presents them as one file.
