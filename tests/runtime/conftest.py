@@ -26,6 +26,13 @@ def make_model_dir(kind: str, tmp_path_factory, tokenizer):
     make_config, overrides, rules = MODELS[kind]
     config = make_config(vocab_size=len(tokenizer), **overrides)
     model = random_model(config, seed=1)
+    with torch.no_grad():
+        for module in model.modules():
+            # transformers initialises V3's routing bias (a buffer) to zero; a non-zero one makes the
+            # end-to-end tests see whether it is stored, read from every format and used in routing.
+            bias = getattr(module, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(2))
     path = tmp_path_factory.mktemp(kind)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
