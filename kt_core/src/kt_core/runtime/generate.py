@@ -44,7 +44,14 @@ class GenerationResult:
 
 @dataclass
 class Session:
-    """A static KV cache and the tokens it holds, for one sequence."""
+    """A static KV cache and the tokens it holds, for one sequence.
+
+    transformers' `StaticCache` allocates each layer's buffers (``max_length`` slots) on the
+    first update, on the device and with the shape of what that layer's attention stores:
+    a layer placed on ``cuda:1`` gets its cache there, and absorbed MLA's layers hold only
+    the compressed latent. Nothing is reallocated afterwards; a shorter prefix is reused
+    by cropping (`prefill`).
+    """
 
     model: nn.Module
     config: PretrainedConfig
