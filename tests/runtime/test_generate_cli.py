@@ -70,3 +70,21 @@ def test_threads_sets_torch_threads(tmp_path_factory, tokenizer, capsys):
     finally:
         torch.set_num_threads(before)
     capsys.readouterr()
+
+
+def test_loading_shows_a_progress_bar(tmp_path_factory, tokenizer, capsys):
+    from kt_core.plugins import get_registry
+    from kt_core.rules import load_rules
+    from kt_core.rules.shipped import find_rule_file
+    from kt_core.runtime.load import load_model
+    from kt_core.runtime.model_source import open_model
+
+    path, _, rules = make_model_dir("qwen2-moe", tmp_path_factory, tokenizer)
+    registry = get_registry()
+    inputs = open_model(str(path), None, registry)
+    capsys.readouterr()
+    loaded = load_model(inputs.config, load_rules(find_rule_file(rules), registry), inputs.source, registry,
+                        dtype=torch.float32, show_progress=True)
+    err = capsys.readouterr().err
+    # tqdm redraws at most every 0.1 s and clears the bar at the end (leave=False): the first frame shows.
+    assert "loading weights" in err and f"0/{len(loaded.operators)}" in err
