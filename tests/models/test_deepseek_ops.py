@@ -188,6 +188,20 @@ def test_attention_caches_exactly_the_transformers_latent(config_name, registry,
         torch.testing.assert_close(mine.values, ref.values, **tol)
 
 
+@pytest.mark.parametrize(("kwargs", "expected"), [("{}", torch.float32), ("{dtype: bfloat16}", torch.bfloat16)])
+def test_absorbed_weights_are_float32_on_the_cpu_unless_a_dtype_is_given(kwargs, expected, registry, rules_from):
+    """On the CPU the absorbed halves default to float32 even in a bfloat16 model (torch's
+    one-row bfloat16 batched matmuls are ~10x slower there); the `dtype` kwarg overrides."""
+    model = make_model("v2-lite")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # what the runtime sets for --dtype bfloat16
+    try:
+        _, ops = injected_copy(model, rules_from(ATTENTION_RULE.format(kwargs=kwargs)), registry)
+    finally:
+        torch.set_default_dtype(previous)
+    assert {op.w_uk.dtype for op in ops} == {expected} and {op.w_uv.dtype for op in ops} == {expected}
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_attention_honours_a_padding_mask(attn_implementation, registry, rules_from):
     """transformers' 4-D masks (boolean for sdpa, additive for eager) still hide padded keys."""
