@@ -291,3 +291,16 @@ def test_demo_runs_from_an_empty_cache(tmp_path, monkeypatch, capsys):
     assert len(list(tmp_path.glob("*.gguf"))) == 1
     assert main(["demo", "--max-new-tokens", "4"]) == 0  # second run reuses the cached file
     assert "building the demo model" not in capsys.readouterr().err
+
+
+def test_demo_model_is_generated_deterministically(tmp_path, monkeypatch):
+    """Two machines (two empty caches) build byte-identical demo GGUFs: same plan, same tokens."""
+    import hashlib
+
+    from kt_core.cli.demo_cmd import demo_model_path
+
+    digests = []
+    for cache in ("a", "b"):
+        monkeypatch.setenv("KT_CACHE", str(tmp_path / cache))
+        digests.append(hashlib.sha256(open(demo_model_path(), "rb").read()).hexdigest())
+    assert digests[0] == digests[1]

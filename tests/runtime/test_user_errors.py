@@ -68,3 +68,10 @@ def test_argparse_mistakes_exit_2(capsys):
         main(["generate", "--rules", "x", "--prompt", "hi", "--dtype", "float64"])
     assert info.value.code == 2
     assert "invalid choice: 'float64'" in capsys.readouterr().err
+
+
+def test_demo_checks_its_arguments(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KT_CACHE", str(tmp_path))
+    assert main(["demo", "--max-new-tokens", "-1"]) == 2
+    assert "--max-new-tokens must be >= 0, got -1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # checked before the demo model is built

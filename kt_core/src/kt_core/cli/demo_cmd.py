@@ -16,6 +16,7 @@ from kt_core.cli.plan_view import format_plan
 from kt_core.convert import write_gguf
 from kt_core.demo.model import DEMO_VERSION, cache_dir, demo_config, demo_weights
 from kt_core.demo.tokenizer import build_demo_tokenizer
+from kt_core.errors import KtUserError
 from kt_core.plugins import get_registry
 from kt_core.runtime.generate import Session, generate
 from kt_core.runtime.sampling import SamplingConfig
@@ -46,6 +47,8 @@ def demo_model_path(rebuild: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise KtUserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     path = demo_model_path(args.rebuild)
     rt = open_runtime(model=None, gguf=path, rules=args.rules, device_map=args.device_map, dtype="float32", threads=None)
     print(format_plan(rt.loaded.plan, registry=get_registry()))
