@@ -75,3 +75,16 @@ def test_demo_checks_its_arguments(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--max-new-tokens", "-1"]) == 2
     assert "--max-new-tokens must be >= 0, got -1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # checked before the demo model is built
+
+
+def test_config_of_another_architecture_than_the_gguf(model_dir, tmp_path, monkeypatch, capsys):
+    """--model (a Qwen3-MoE directory) with --gguf of a DeepSeek file: said plainly, before any weight is read."""
+    from kt_core.cli.demo_cmd import demo_model_path
+
+    monkeypatch.setenv("KT_CACHE", str(tmp_path))
+    deepseek_gguf = demo_model_path()
+    capsys.readouterr()
+    assert main(["generate", "--model", model_dir, "--gguf", deepseek_gguf, "--rules", "qwen3-moe-cpu-torch",
+                 "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kt: error: ") and "holds a 'deepseek2' model" in err and "'qwen3_moe' config" in err

@@ -76,6 +76,13 @@ def _open_gguf(path: Path, model: str | None, registry: Registry) -> ModelInputs
     tokenizer = None
     if model is not None:
         config = resolve_config(model, registry)
+        if config.model_type not in family.hf_model_types:
+            file.close()
+            raise KtUserError(
+                f"{path} holds a {arch!r} model ({' or '.join(family.hf_model_types)}), but --model {model} is a "
+                f"{config.model_type!r} config: give the config that belongs to these weights, or only --gguf "
+                "(the config is then read from the file)"
+            )
         if Path(model).is_dir():
             tokenizer = dir_tokenizer(Path(model))
     else:
