@@ -2,10 +2,11 @@
 
 gguf-py can dequantize every type we write but quantize only some of them. Where it
 can (F32, F16, BF16, Q8_0, Q4_0) our bytes must be identical to its bytes: both follow
-ggml's reference arithmetic. gguf-py has no K-quant quantizer, so Q4_K, Q5_K and Q6_K
-are checked by the error of the round trip instead, against bounds derived from each
-format's step size, and by the bytes being readable as the right type and shape from a
-real GGUF file.
+ggml's reference arithmetic. gguf-py has no K-quant or i-quant quantizer, so Q2_K, Q3_K,
+Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS are checked by the error of the round trip instead,
+against bounds derived from each format's step size (and, for the low-bit types, against
+a plain min-max quantizer of the same type), and by the bytes being readable as the
+right type and shape from a real GGUF file.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from kt_core.quant.quantize import (
 )
 
 Q = gguf.GGMLQuantizationType
-BLOCK_TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
+BLOCK_TYPES = ["Q8_0", "Q4_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
 FLOAT_TYPES = ["F32", "F16", "BF16"]
 # Types gguf-py can also write; for these our output must be byte-identical.
 GGUF_PY_WRITES = ["F32", "F16", "BF16", "Q8_0", "Q4_0"]
@@ -79,12 +80,20 @@ def f16_at(blocks: np.ndarray, offset: int) -> np.ndarray:
 #   Q4_K  Δ = range/15 over 32 values, E range ≈ 4.14 → 8.1% naively;   (measured 7.1%)
 #   Q5_K  Δ = range/31 → 3.9% naively;                                  (measured 3.6%)
 #   Q6_K  Δ = max|x|/32 over 16 values, E max|x| ≈ 2.08 → 1.9% naively; (measured 1.8%)
+#   Q2_K  Δ = range/3 over 16 values, E range ≈ 3.53 → 34% naively;     (measured 26.9%)
+#   Q3_K  Δ = max|x|/4 over 16 values, E max|x| ≈ 2.08 → 15.0% naively; (measured 14.3%)
+#   IQ4_NL  codebook of 16 entries over [-127, 113]·d, d = max|x|/127 over 32 values:
+#         mean spacing 16·d, E max|x| ≈ 2.35 → 8.6% if it were uniform; the entries are
+#         denser near zero, where gaussian values are, so it does better; (measured 7.35%)
+#   IQ4_XS  IQ4_NL's codebook per 32 values, the 6-bit sub-block scales lose a little;
+#         same figure;                                                 (measured 7.4%)
 #   BF16  8 significant bits: ≤ 2^-8 per value, ~0.17% rms;              (measured 0.17%)
 #   F16   11 significant bits: ~0.02% rms.                              (measured 0.02%)
 # The K-quant bounds sit *below* the naive Δ/√12 figure, so they also check that the
 # scale search does better than plain range quantization; all leave >5% headroom over
-# the measured value. With 1% outliers at 30σ an outlier sets its block's step, so the
-# error grows; those bounds are the measured values plus ~10%.
+# the measured value (the low-bit types Q2_K, Q3_K, IQ4_NL, IQ4_XS are also compared
+# with a plain min-max quantizer below). With 1% outliers at 30σ an outlier sets its
+# block's step, so the error grows; those bounds are the measured values plus ~10%.
 GAUSSIAN_BOUND = {
     "BF16": 0.0019,
     "F16": 0.00025,
@@ -93,8 +102,15 @@ GAUSSIAN_BOUND = {
     "Q4_K": 0.077,
     "Q5_K": 0.038,
     "Q6_K": 0.0187,
+    "Q2_K": 0.285,
+    "Q3_K": 0.151,
+    "IQ4_NL": 0.078,
+    "IQ4_XS": 0.078,
 }
-OUTLIER_BOUND = {"Q8_0": 0.013, "Q4_0": 0.14, "Q4_K": 0.105, "Q5_K": 0.056, "Q6_K": 0.037}
+OUTLIER_BOUND = {
+    "Q8_0": 0.013, "Q4_0": 0.14, "Q4_K": 0.105, "Q5_K": 0.056, "Q6_K": 0.037,
+    "Q2_K": 0.225, "Q3_K": 0.13, "IQ4_NL": 0.12, "IQ4_XS": 0.122,
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("ggml_type", sorted(GAUSSIAN_BOUND))
@@ -109,17 +125,91 @@ def test_relative_rms_error_with_outliers(ggml_type: str) -> None:
     assert relative_rms(x, roundtrip(x, ggml_type)) < OUTLIER_BOUND[ggml_type]
 
 
+# --- against a plain min-max quantizer ----------------------------------------------------
+#
+# For the low-bit types the scale search is where the accuracy comes from, so it must beat
+# the obvious quantizer of the *same* type: each (sub-)block's scale from its extremes
+# alone (Q2_K: range/3 with the min as offset; Q3_K: the signed extreme onto code -4;
+# IQ4_*: the signed extreme onto the codebook's -127), stored exactly as the format stores
+# it (fp16 super-block scales, 4- or 6-bit sub-block multiples of them) and every value
+# rounded against the scale it decodes with. `naive_decoded` computes the values such a
+# quantizer's blocks decode to. Measured, gaussian / outliers (ours vs naive):
+#   Q2_K   26.9% vs 32.7% / 20.3% vs 26.6%    Q3_K   14.3% vs 15.5% / 11.7% vs 12.0%
+#   IQ4_NL 7.35% vs 7.98% / 10.9% vs 11.3%    IQ4_XS 7.41% vs 7.99% / 11.1% vs 11.4%
+
+CODEBOOK = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113.0])
+
+
+def _signed_extreme(blocks: torch.Tensor) -> torch.Tensor:
+    return torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True))
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.half().float()
+
+
+def _safe(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x == 0, torch.ones_like(x), x)
+
+
+def _nearest_entry(values: torch.Tensor) -> torch.Tensor:
+    return CODEBOOK[(values.unsqueeze(-1) - CODEBOOK).abs().argmin(-1)]
+
+
+def naive_decoded(x: torch.Tensor, ggml_type: str) -> np.ndarray:
+    """What a plain min-max quantizer of `ggml_type` decodes `x` to (see above)."""
+    if ggml_type == "IQ4_NL":
+        blocks = x.reshape(-1, 32)
+        d = _fp16(_signed_extreme(blocks) / -127)
+        return (_nearest_entry(blocks / _safe(d)) * d).reshape(x.shape).numpy()
+    sub_size = 32 if ggml_type == "IQ4_XS" else 16
+    sub = x.reshape(-1, 256 // sub_size, sub_size)
+    if ggml_type == "Q2_K":
+        lo = sub.amin(-1, keepdim=True).clamp_max(0)
+        scale, offset = (sub.amax(-1, keepdim=True) - lo) / 3, -lo
+        d = _fp16(scale.amax(1, keepdim=True) / 15)
+        dmin = _fp16(offset.amax(1, keepdim=True) / 15)
+        step = d * (scale / _safe(d)).round().clamp(0, 15)
+        floor = dmin * (offset / _safe(dmin)).round().clamp(0, 15)
+        codes = ((sub + floor) / _safe(step)).round().clamp(0, 3)
+        return (step * codes - floor).reshape(x.shape).numpy()
+    top = -4 if ggml_type == "Q3_K" else -127
+    scale = _signed_extreme(sub) / top
+    d = _fp16(_signed_extreme(scale.squeeze(-1)).unsqueeze(-1) / -32)
+    step = d * (scale / _safe(d)).round().clamp(-32, 31)
+    if ggml_type == "Q3_K":
+        return (step * (sub / _safe(step)).round().clamp(-4, 3)).reshape(x.shape).numpy()
+    return (step * _nearest_entry(sub / _safe(step))).reshape(x.shape).numpy()
+
+
+@pytest.mark.parametrize("data", [gaussian, with_outliers], ids=["gaussian", "outliers"])
+@pytest.mark.parametrize("ggml_type", ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
+def test_scale_search_beats_a_plain_min_max_quantizer_of_the_same_type(ggml_type: str, data) -> None:
+    x = data()
+    assert relative_rms(x, roundtrip(x, ggml_type).reshape(x.shape)) < relative_rms(x, naive_decoded(x, ggml_type))
+
+
 def largest_step(data: np.ndarray, ggml_type: str) -> np.ndarray:
     """Per block, the largest quantization step the block decodes with.
 
     Q8_0/Q4_0: |d|. Q4_K/Q5_K: d·63 (the largest sub-block scale always maps to 63).
-    Q6_K: |d|·128 (the largest sub-block scale always maps to -128).
+    Q6_K: |d|·128 (the largest sub-block scale always maps to -128). Q2_K: d·15 and
+    Q3_K: |d|·32, likewise. IQ4_NL: |d|·24, the widest gap of its codebook (89 → 113);
+    IQ4_XS: |d|·32·24, the largest sub-block scale mapping to -32.
     """
     blocks = block_view(data, ggml_type)
     if ggml_type in ("Q8_0", "Q4_0"):
         return np.abs(f16_at(blocks, 0))
     if ggml_type in ("Q4_K", "Q5_K"):
         return f16_at(blocks, 0) * 63
+    if ggml_type == "Q2_K":
+        return f16_at(blocks, 80) * 15
+    if ggml_type == "Q3_K":
+        return np.abs(f16_at(blocks, 108)) * 32
+    if ggml_type == "IQ4_NL":
+        return np.abs(f16_at(blocks, 0)) * 24
+    if ggml_type == "IQ4_XS":
+        return np.abs(f16_at(blocks, 0)) * 32 * 24
     return np.abs(f16_at(blocks, 208)) * 128
 
 
@@ -134,9 +224,22 @@ def largest_step(data: np.ndarray, ggml_type: str) -> np.ndarray:
 #         Together under 2 steps (measured at most 1.5, on all-negative blocks).
 #   Q6_K: ½ step of rounding, a little clipping, 8-bit scale rounding (≤ 1/8 step).
 #         Under 1 step (measured 0.78).
+#   Q2_K: as Q4_K, but the search maps a range onto 2.5 … 4 steps of 3, so it clips up
+#         to ~1 step at an end; 4-bit scale and min rounding moves the ends by ≤ ¼ step
+#         each. Under 1.5 steps (measured 0.99, on mixed-magnitude blocks).
+#   Q3_K: ½ step of rounding; the search maps the extreme onto 3.1 … 4.9 steps of the
+#         codes [-4, 3], so clipping can add up to 0.9 step; 6-bit scale rounding ≤ 1/64
+#         relative. Under 1.5 steps (measured 1.06).
+#   IQ4_NL: nearest entry, so ≤ ½ the widest gap (12·d); the search maps the extreme
+#         onto an end of the codebook ±7 entries' worth (7·d), clipping at most that.
+#         Under 19/24 of a step plus fp16 rounding: 1 step (measured 0.70).
+#   IQ4_XS: the same per sub-block, whose step is at most the largest (measured 0.61).
 # These bounds assume d is a normal fp16 number (blocks with max|x| ≳ 1e-2); for tinier
 # blocks fp16 subnormals make d itself imprecise — a limit of the formats, not ours.
-MAX_ERROR_IN_STEPS = {"Q8_0": 0.57, "Q4_0": 1.01, "Q4_K": 2.0, "Q5_K": 2.0, "Q6_K": 1.0}
+MAX_ERROR_IN_STEPS = {
+    "Q8_0": 0.57, "Q4_0": 1.01, "Q4_K": 2.0, "Q5_K": 2.0, "Q6_K": 1.0,
+    "Q2_K": 1.5, "Q3_K": 1.5, "IQ4_NL": 1.0, "IQ4_XS": 1.0,
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("data", [gaussian, with_outliers], ids=["gaussian", "outliers"])
@@ -164,7 +267,7 @@ def test_all_zero_rows_decode_to_exact_zeros(ggml_type: str) -> None:
     assert np.all(y[[0, 3, 7]] == 0.0)
 
 
-@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_0", "Q6_K"])
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_0", "Q3_K", "Q6_K"])
 def test_symmetric_types_keep_zero_values_exact(ggml_type: str) -> None:
     # No offset, so 0 is always a code; every zero must come back as exactly zero.
     x = gaussian(rows=16)
@@ -173,7 +276,7 @@ def test_symmetric_types_keep_zero_values_exact(ggml_type: str) -> None:
     assert np.all(roundtrip(x, ggml_type)[zeros.numpy()] == 0.0)
 
 
-@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("ggml_type", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"])
 def test_zero_sub_block_inside_a_nonzero_super_block_is_exact(ggml_type: str) -> None:
     # A zero sub-block gets scale 0 and min 0, whatever its neighbours hold.
     x = gaussian(rows=4, cols=512)
@@ -269,7 +372,7 @@ def test_legacy_bytes_identical_to_gguf_py_for_arbitrary_values(values: list[flo
     magnitudes=st.lists(st.floats(min_value=-2, max_value=3), min_size=8, max_size=8),
     seed=st.integers(0, 2**31 - 1),
     one_sided=st.sampled_from([None, "positive", "negative"]),
-    ggml_type=st.sampled_from(["Q4_K", "Q5_K", "Q6_K"]),
+    ggml_type=st.sampled_from(["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]),
 )
 def test_k_quant_max_error_bound_holds_for_mixed_magnitudes(
     magnitudes: list[float], seed: int, one_sided: str | None, ggml_type: str
@@ -311,6 +414,10 @@ def test_gguf_file_round_trip(tmp_path: Path) -> None:
         "Q4_K": (3, 2, 512),
         "Q5_K": (256,),
         "Q6_K": (4, 256),
+        "Q2_K": (2, 256),
+        "Q3_K": (3, 512),
+        "IQ4_NL": (3, 96),
+        "IQ4_XS": (2, 2, 256),
     }
     assert set(shapes) == QUANTIZABLE_TYPES
     generator = torch.Generator().manual_seed(7)
@@ -356,13 +463,15 @@ def test_can_quantize() -> None:
     assert not can_quantize((4, 100), "Q4_K")
     assert not can_quantize((4, 48), "Q8_0")
     assert not can_quantize((), "F32")
-    assert not can_quantize((4, 256), "Q2_K")
+    assert can_quantize((4, 256), "Q2_K") and can_quantize((4, 256), "IQ4_XS")
+    assert can_quantize((4, 96), "IQ4_NL") and not can_quantize((4, 96), "IQ4_XS")
+    assert not can_quantize((4, 256), "Q5_0")
     assert not can_quantize((4, 256), "not a type")
 
 
 def test_unsupported_type_is_rejected() -> None:
-    with pytest.raises(UnsupportedQuantizationTypeError, match="Q2_K"):
-        quantize(torch.zeros(1, 256), "Q2_K")
+    with pytest.raises(UnsupportedQuantizationTypeError, match="IQ2_XXS"):
+        quantize(torch.zeros(1, 256), "IQ2_XXS")
 
 
 def test_type_may_be_given_as_enum_or_any_case() -> None:
@@ -378,7 +487,7 @@ def test_non_finite_values_are_refused_with_their_index(ggml_type: str) -> None:
         quantize(x, ggml_type)
 
 
-@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
 def test_layout_and_dtype_of_the_input_do_not_matter(ggml_type: str) -> None:
     x = gaussian(rows=512, cols=256).to(torch.bfloat16)
     reference = quantize(x.float(), ggml_type)
@@ -390,7 +499,7 @@ def test_layout_and_dtype_of_the_input_do_not_matter(ggml_type: str) -> None:
     assert np.array_equal(quantize(stacked, ggml_type), reference.reshape(4, 128, -1))
 
 
-@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q3_K", "Q4_K", "Q6_K", "IQ4_XS"])
 def test_chunking_does_not_change_the_bytes(ggml_type: str) -> None:
     # 1100 x 256 values span more than one internal chunk; blocks are independent, so
     # quantizing slices must give the same bytes as quantizing the whole.

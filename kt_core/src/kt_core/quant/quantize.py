@@ -25,6 +25,8 @@ import torch
 from .quantize_chunks import encode_in_chunks
 from .quantize_errors import NonFiniteTensorError, QuantizationShapeError, UnsupportedQuantizationTypeError
 from .quantize_float import encode_bf16, encode_f16, encode_f32
+from .quantize_iquant import encode_iq4_nl, encode_iq4_xs
+from .quantize_kquant_low import encode_q2_k, encode_q3_k
 from .quantize_kquant_minmax import encode_q4_k, encode_q5_k
 from .quantize_kquant_q6 import encode_q6_k
 from .quantize_legacy import encode_q4_0, encode_q8_0
@@ -62,9 +64,13 @@ _FORMATS: dict[str, _Format] = {
     "BF16": _Format(1, 2, encode_bf16, 1 << 20),
     "Q8_0": _Format(32, 34, encode_q8_0, 1 << 18),
     "Q4_0": _Format(32, 18, encode_q4_0, 1 << 18),
+    "IQ4_NL": _Format(32, 18, encode_iq4_nl, 1 << 18),
+    "Q2_K": _Format(256, 84, encode_q2_k, 1 << 18),
+    "Q3_K": _Format(256, 110, encode_q3_k, 1 << 18),
     "Q4_K": _Format(256, 144, encode_q4_k, 1 << 18),
     "Q5_K": _Format(256, 176, encode_q5_k, 1 << 18),
     "Q6_K": _Format(256, 210, encode_q6_k, 1 << 18),
+    "IQ4_XS": _Format(256, 136, encode_iq4_xs, 1 << 18),
 }
 
 QUANTIZABLE_TYPES: frozenset[str] = frozenset(_FORMATS)

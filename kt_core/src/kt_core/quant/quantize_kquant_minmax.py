@@ -44,12 +44,16 @@ def _sub_block_weights(sub: torch.Tensor) -> torch.Tensor:
     return sub.abs().add_(rms)
 
 
-def _to_six_bits(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 8) non-negative floats → (fp16 super-scale (B, 1), 6-bit multiples (B, 8) as uint8)."""
+def _to_six_bits(values: torch.Tensor, top_code: int = 63) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S) non-negative floats → (fp16 super-scale (B, 1), multiples (B, S) in [0, top_code] as uint8).
+
+    The largest value maps to `top_code` (63 for the 6-bit fields of Q4_K/Q5_K, 15 for
+    the 4-bit ones of Q2_K).
+    """
     top = values.amax(dim=-1, keepdim=True)
-    inv = torch.where(top > 0, 63.0 / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(top))
-    six = (values * inv).round_().clamp_(0, 63).to(torch.uint8)
-    return (top / 63).to(torch.float16), six
+    inv = torch.where(top > 0, top_code / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(top))
+    codes = (values * inv).round_().clamp_(0, top_code).to(torch.uint8)
+    return (top / top_code).to(torch.float16), codes
 
 
 def _pack_scales(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ than the arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 GROUP_MAX_EPS = 1e-15
@@ -131,7 +133,9 @@ def search_scale_and_offset(
     return scale.squeeze(1), offset.squeeze(1)
 
 
-def search_symmetric_scale(x: torch.Tensor, levels: int, n_steps: int = 9, step: float = 0.1) -> torch.Tensor:
+def search_symmetric_scale(
+    x: torch.Tensor, levels: int, n_steps: int = 9, step: float = 0.1, uniform_weights: bool = False
+) -> torch.Tensor:
     """Best signed scale with ``x ≈ scale * q``, ``q ∈ [-levels, levels - 1]`` (Q6_K: levels 32).
 
     `x` is (S, n) float32. The code range is asymmetric, so the value of largest
@@ -141,6 +145,8 @@ def search_symmetric_scale(x: torch.Tensor, levels: int, n_steps: int = 9, step:
     (large values dominate the error of a matmul), and the fit with the largest error
     reduction ``(Σw·x·l)² / Σw·l²`` wins, the plain mapping (``i = 0``) on ties.
     Sub-blocks below `GROUP_MAX_EPS` get scale 0. Returns an (S,) float32 tensor.
+    With `uniform_weights` every value weighs the same, so the plain squared error is
+    minimized instead (the low-bit types, whose coarse grid makes that trade-off matter).
     """
     index = x.abs().argmax(dim=-1, keepdim=True)
     extreme = torch.gather(x, -1, index)
@@ -149,7 +155,7 @@ def search_symmetric_scale(x: torch.Tensor, levels: int, n_steps: int = 9, step:
     # The sums use x / extreme ∈ [-1, 1]: with weights x² they grow like x⁴ and would
     # under- or overflow float32 for tiny or huge blocks. The scale is rescaled after.
     unit = x / safe_extreme
-    weights = unit * unit
+    weights = torch.ones_like(unit) if uniform_weights else unit * unit
     buffers = _SumBuffers(x)
     codes = torch.empty_like(x)
 
@@ -168,3 +174,117 @@ def search_symmetric_scale(x: torch.Tensor, levels: int, n_steps: int = 9, step:
 
     scale = best_scale * extreme
     return torch.where(tiny, 0.0, scale).squeeze(1)
+
+
+class NearestEntry:
+    """Nearest-entry lookup in a fixed ascending codebook of integers (IQ4_NL's).
+
+    Between two integer entries the midpoint is a multiple of ½, so every half-open bin
+    ``[k/2, (k+1)/2)`` lies on one side of every midpoint and the nearest entry of a value
+    is a table lookup at ``floor(2 * value)``: one gather, about 8x faster than a binary
+    search (`torch.bucketize`) plus a gather. A value exactly on a midpoint goes to the
+    upper entry; values beyond the ends clamp to the end entries.
+    """
+
+    def __init__(self, grid: tuple[int, ...]) -> None:
+        entries = torch.tensor(grid, dtype=torch.float32)
+        assert bool((entries[1:] > entries[:-1]).all()), "the codebook must be ascending"
+        self.entries = entries
+        self._low = float(grid[0]) - 1.0
+        n_bins = int(2 * (grid[-1] + 1 - self._low)) + 1
+        edges = self._low + torch.arange(n_bins, dtype=torch.float32) / 2
+        index = torch.bucketize(edges, (entries[1:] + entries[:-1]) / 2, right=True)
+        self._index_table = index.to(torch.uint8)
+        self._value_table = entries[index]
+        self._last_bin = n_bins - 1
+
+    def _bins(self, values: torch.Tensor) -> torch.Tensor:
+        # Clamped to be non-negative first, so truncation is floor.
+        return values.sub(self._low).mul_(2).clamp_(0, self._last_bin).long()
+
+    def indices(self, values: torch.Tensor) -> torch.Tensor:
+        """Index (uint8) of the entry nearest to each value."""
+        return self._index_table[self._bins(values)]
+
+    def values(self, values: torch.Tensor) -> torch.Tensor:
+        """The entry (float32) nearest to each value."""
+        return self._value_table[self._bins(values)]
+
+
+def search_grid_scale(
+    x: torch.Tensor, grid: NearestEntry, n_steps: int = 7, step: float = 1.0, uniform_weights: bool = True
+) -> torch.Tensor:
+    """Best signed scale with ``x ≈ scale * entry``, each value on its nearest codebook entry.
+
+    For a non-uniform ascending codebook such as IQ4_NL's, not necessarily symmetric. `x`
+    is (S, n) float32. Candidates map the value of largest magnitude onto
+    ``grid.entries[0] + k * step`` and onto ``grid.entries[-1] + k * step`` for
+    ``k in [-n_steps, n_steps]``: both ends, since an asymmetric codebook may fit a block
+    better the other way round, and a ladder around each because the error is not
+    smooth in the scale. For each candidate every value is assigned its nearest entry,
+    the scale is re-fitted by least squares and the fit with the largest error reduction
+    ``(Σw·x·q)² / Σw·q²`` wins. The weights ``w`` are uniform by default (the plain
+    squared error; on gaussian data that beats ggml's ``x²`` weighting by 3% rms for
+    IQ4_NL) or ``x²`` with `uniform_weights=False`. Sub-blocks below `GROUP_MAX_EPS` get
+    scale 0. Returns an (S,) float32 tensor.
+    """
+    index = x.abs().argmax(dim=-1, keepdim=True)
+    extreme = torch.gather(x, -1, index)
+    tiny = extreme.abs() < GROUP_MAX_EPS
+    safe_extreme = torch.where(tiny, 1.0, extreme)
+    unit = x / safe_extreme  # in [-1, 1], the extreme at exactly 1; rescaled at the end
+    weights = torch.ones_like(unit) if uniform_weights else unit * unit
+    buffers = _SumBuffers(x)
+    scaled = torch.empty_like(x)
+
+    best_gain = torch.full_like(extreme, -1.0)
+    best_scale = torch.zeros_like(extreme)
+    for end in (float(grid.entries[0]), float(grid.entries[-1])):
+        for k in range(-n_steps, n_steps + 1):
+            target = end + k * step
+            if target == 0:
+                continue
+            codes = grid.values(torch.mul(unit, target, out=scaled))
+            s_l2, s_xl = buffers.symmetric_sums(codes, weights, unit)
+            fit = s_xl / s_l2.clamp_min(_TINY)
+            gain = fit * s_xl
+            better = (s_l2 > 0) & (gain > best_gain)
+            best_gain = torch.where(better, gain, best_gain)
+            best_scale = torch.where(better, fit, best_scale)
+
+    scale = best_scale * extreme
+    return torch.where(tiny, 0.0, scale).squeeze(1)
+
+
+def refine_sub_block_scales(
+    values: torch.Tensor,
+    d: torch.Tensor,
+    sc: torch.Tensor,
+    sc_range: tuple[int, int],
+    reconstruct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Re-pick each sub-block's integer scale among ``sc - 1, sc, sc + 1`` by its actual error.
+
+    The two-level types round every sub-block's best float scale to an integer multiple
+    of the super-block's ``d``; for sub-blocks much smaller than the largest, that
+    integer is small and the rounding moves the scale a lot, so the nearest integer is
+    often not the best one once the values are re-rounded against it. `values` is
+    (B, S, n), `d` the decoded super-block scale (B, 1), `sc` the integer scales (B, S) as
+    float32, `sc_range` their storable range and ``reconstruct(values, step)`` the decoded
+    values for step ``d * sc`` of shape (B, S, 1). Keeps ``sc`` on ties; returns the new
+    (B, S) float32 integer scales.
+    """
+    lo, hi = sc_range
+    best_sc = sc
+    best_err = _squared_error(values, reconstruct(values, (d * sc).unsqueeze(-1)))
+    for delta in (-1.0, 1.0):
+        candidate = (sc + delta).clamp_(lo, hi)
+        err = _squared_error(values, reconstruct(values, (d * candidate).unsqueeze(-1)))
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_sc = torch.where(better, candidate, best_sc)
+    return best_sc
+
+
+def _squared_error(values: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    return (approx - values).square_().sum(-1)
