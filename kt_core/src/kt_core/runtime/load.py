@@ -3,7 +3,8 @@
 The steps, in order, each checkable on its own:
 
 1. build the transformers model on ``meta`` (no memory);
-2. plan (rules → one decision per module) and check operators accept their modules;
+2. plan (rules → one decision per module), check operators accept their modules and
+   that the planned devices exist on this machine;
 3. check the weight source against what the planned model will read (every missing
    or mis-shaped tensor listed in one error, before any weight is read);
 4. inject operators (still on meta);
@@ -32,6 +33,7 @@ from kt_core.planner import Plan, plan
 from kt_core.registry import Registry
 from kt_core.rules.diagnostics import RuleFileError
 from kt_core.rules.loader import RuleSet
+from kt_core.runtime.device_check import check_plan_devices
 from kt_core.runtime.placement import install_device_boundaries
 from kt_core.runtime.progress import progress
 from kt_core.weights.source import WeightSource
@@ -192,6 +194,7 @@ def load_model(
     problems = check_replacements(model, result, registry)
     if problems:
         raise RuleFileError(problems)
+    check_plan_devices(result)
     warnings = check_source(model, source, config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # backends without an explicit dtype use the model's
