@@ -13,6 +13,7 @@ import torch
 from tiny_models import deepseek_v2_config, deepseek_v3_config, qwen2_moe_config, qwen3_moe_config, random_model
 
 from kt_core.cli.main import main
+from kt_core.convert import FILE_TYPES
 from kt_core.demo.tokenizer import build_demo_tokenizer
 from kt_core.plugins import get_registry
 from kt_core.runtime.model_source import open_model
@@ -66,6 +67,19 @@ def test_quantized_types_follow_llama_cpp_conventions(tmp_path):
         assert rel < 0.12, (name, float(rel))  # Q4_K on gaussian weights: ~7-8% relative RMS
 
 
+@pytest.mark.parametrize("requested", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL", "Q4_0"])
+def test_type_fallback_for_rows_the_requested_blocks_do_not_divide(requested):
+    from kt_core.convert import choose_type
+
+    assert choose_type((8, 512), requested, keep_f32=False) == requested
+    # 256-value super-blocks (K-quants, IQ4_XS) need rows of 256; 96 takes Q8_0's 32-blocks,
+    # which 32-value types (IQ4_NL, Q4_0) fit as they are.
+    assert choose_type((8, 96), requested, keep_f32=False) == (requested if requested in ("IQ4_NL", "Q4_0") else "Q8_0")
+    assert choose_type((8, 24), requested, keep_f32=False) == "F16"
+    assert choose_type((8, 512), requested, keep_f32=True) == "F32"
+    assert choose_type((512,), requested, keep_f32=False) == "F32"
+
+
 def test_refuses_to_overwrite_without_force(tmp_path, capsys):
     saved("qwen3-moe", tmp_path)
     out = tmp_path / "m.gguf"
@@ -96,6 +110,10 @@ READ_BACK_BOUND = {
     "Q4_K": 0.077 * 1.25,
     "Q5_K": 0.038 * 1.25,
     "Q6_K": 0.0187 * 1.25,
+    "Q2_K": 0.285 * 1.25,
+    "Q3_K": 0.151 * 1.25,
+    "IQ4_NL": 0.078 * 1.25,
+    "IQ4_XS": 0.078 * 1.25,
 }
 
 
@@ -107,7 +125,11 @@ def k_quant_sized(tmp_path_factory):
     return folder, model
 
 
-@pytest.mark.parametrize("ggml_type", sorted(READ_BACK_BOUND))
+def test_every_convert_type_has_a_read_back_bound():
+    assert set(FILE_TYPES) <= set(READ_BACK_BOUND)
+
+
+@pytest.mark.parametrize("ggml_type", list(FILE_TYPES))
 def test_converted_file_decodes_like_gguf_py_within_the_types_bound(ggml_type, k_quant_sized, tmp_path):
     """Every tensor of a `kt convert` output, decoded by kt, equals gguf-py's decoding bit
     for bit (through gguf-py's own reader, independent of ours), and the weights read back

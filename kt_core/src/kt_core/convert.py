@@ -7,8 +7,8 @@ next is read. Peak memory is one tensor, not the model.
 
 Type choice follows llama.cpp's conventions: 1-D tensors and those the name map marks
 ``keep_f32`` (norms, router, biases) stay F32; a tensor whose rows do not divide into the
-requested type's blocks (K-quants need multiples of 256) falls back to Q8_0 (32-element
-blocks), and to F16 if even that does not fit.
+requested type's blocks (the K-quants and IQ4_XS need multiples of 256) falls back to
+Q8_0 (32-element blocks), and to F16 if even that does not fit.
 """
 
 from __future__ import annotations
@@ -38,9 +38,13 @@ FILE_TYPES = {
     "BF16": gguf.LlamaFileType.MOSTLY_BF16,
     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "IQ4_NL": gguf.LlamaFileType.MOSTLY_IQ4_NL,
+    "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
+    "Q3_K": gguf.LlamaFileType.MOSTLY_Q3_K_M,
     "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M,
     "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_M,
     "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
+    "IQ4_XS": gguf.LlamaFileType.MOSTLY_IQ4_XS,
 }
 """Types `kt convert --type` accepts, with the ``general.file_type`` they declare."""
 
