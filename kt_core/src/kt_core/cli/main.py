@@ -1,7 +1,8 @@
 """Entry point of the `kt` command: subcommands, and the user-error/internal-error split.
 
 A `KtUserError` (bad rule file, missing model, corrupt GGUF…) prints ``kt: error: …`` and
-exits 2 without a traceback; anything else is a bug and keeps its traceback.
+exits 2 without a traceback; anything else is a bug and keeps its traceback. Importing
+this module does not import torch, so `main` can set OpenMP's environment first.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from kt_core.cli.openmp_env import prefer_passive_openmp
 from kt_core.errors import KtUserError
 
 USER_ERROR = 2
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    prefer_passive_openmp()  # before build_parser imports the commands, and with them torch
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
