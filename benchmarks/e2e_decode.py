@@ -586,7 +586,7 @@ def main() -> int:
                "--rules", args.rules.split(",")[-1], "--dtype", args.dtype, "--prompt-len", str(args.prompt_len),
                "--gen-len", str(args.gen_len)] + (["--threads", str(args.threads)] if args.threads else [])
         report["kt_decode_breakdown"] = run_json_process(cmd, args.timeout)
-        print(f"breakdown: {report['kt_torch_decode_breakdown']}", file=sys.stderr)
+        print(f"breakdown: {report['kt_decode_breakdown']}", file=sys.stderr)
     bandwidth.append(asdict(measure_read_bandwidth(args.bandwidth_gib, 7, threads)))
     gemv_end = asdict(measure_gemv_bandwidth(args.bandwidth_gib, 3, threads, dtype=dtype))
 
