@@ -43,3 +43,21 @@ def test_zero_new_tokens_only_prefills(tmp_path_factory, tokenizer, capsys):
                   "--max-new-tokens", "0", "--dtype", "float32", "--json")
     assert (out["tokens"], out["text"], out["stop_reason"]) == ([], "", "length")
     assert out["prompt_tokens"] == len(tokenizer.encode(PROMPT))
+
+
+def test_a_full_cache_stops_generation_and_keeps_what_was_generated(tmp_path_factory, tokenizer, capsys):
+    """With room for the prompt but not the whole reply, generation stops at the cache's end:
+    the tokens so far are the greedy reference's prefix, and the reason says why."""
+    path, model, rules = make_model_dir("qwen3-moe", tmp_path_factory, tokenizer)
+    prompt = tokenizer.encode(PROMPT)
+    max_length = len(prompt) + 4
+    expected = hf_greedy(model, prompt, 12)
+    assert main(["generate", "--model", str(path), "--rules", rules, "--prompt", PROMPT, "--max-new-tokens", "12",
+                 "--max-length", str(max_length), "--dtype", "float32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stop_reason"] == "cache_full"
+    # The prompt fills len(prompt) slots, each decode step one more; the last token needs none.
+    assert out["tokens"] == expected[: max_length - len(prompt) + 1]
+    assert main(["generate", "--model", str(path), "--rules", rules, "--prompt", PROMPT, "--max-new-tokens", "12",
+                 "--max-length", str(max_length), "--dtype", "float32"]) == 0
+    assert "the KV cache is full" in capsys.readouterr().err

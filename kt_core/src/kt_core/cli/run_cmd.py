@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 
 from kt_core.errors import KtUserError
-from kt_core.runtime.generate import Session, generate
+from kt_core.runtime.generate import GenerationResult, Session, generate
 from kt_core.runtime.memory import memory_report
 from kt_core.runtime.sampling import SamplingConfig
 from kt_core.runtime.session_setup import DTYPES, eos_ids, open_runtime
@@ -89,6 +89,12 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _say_if_cache_full(result: GenerationResult, max_length: int) -> None:
+    if result.stop_reason == "cache_full":
+        print(f"[stopped: the KV cache is full ({max_length} tokens); raise --max-length for longer output]",
+              file=sys.stderr)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     rt = _runtime(args, quiet=args.json)
@@ -112,6 +118,7 @@ def run_generate(args: argparse.Namespace) -> int:
         }))
     else:
         print()
+        _say_if_cache_full(result, args.max_length)
         print(f"[{result.prompt_tokens} prompt tokens, {len(result.tokens)} generated; prefill "
               f"{result.prefill_tokens_per_s:.1f} tok/s, decode {result.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
@@ -144,6 +151,7 @@ def run_chat(args: argparse.Namespace) -> int:
             on_text=lambda s: print(s, end="", flush=True),
         )
         print()
+        _say_if_cache_full(result, args.max_length)
         print(f"[reused {result.reused_prompt_tokens}/{result.prompt_tokens} prompt tokens from the cache; "
               f"decode {result.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
         messages.append({"role": "assistant", "content": result.text})

@@ -95,6 +95,11 @@ class Session:
         self.cached = list(ids)
         return logits, reuse
 
+    @property
+    def full(self) -> bool:
+        """No slot is left for another token: a decode step now would overflow the cache."""
+        return len(self.cached) >= self.max_length
+
     def decode(self, token: int) -> torch.Tensor:
         logits = self._forward([token], len(self.cached))
         self.cached.append(token)
@@ -115,6 +120,9 @@ def generate(
     """Generate up to `max_new_tokens` tokens after `prompt_ids`, streaming text through `on_text`.
 
     ``max_new_tokens == 0`` only prefills (the prompt enters the cache, nothing is generated).
+    ``stop_reason`` says why it ended: ``"eos"``, ``"stop_string"``, ``"length"`` (the
+    token budget) or ``"cache_full"`` (the session's cache has no slot left). A prompt that
+    does not fit the cache at all is a `KtUserError` before anything is generated.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -145,6 +153,11 @@ def generate(
             on_text(text[len(emitted):])
             emitted = text
         if hit is not None or len(tokens) >= max_new_tokens:
+            break
+        if session.full:
+            # The last token is generated but has no slot to be decoded in: stop here, with
+            # what was streamed kept, rather than fail after the user has seen half a reply.
+            stop_reason = "cache_full"
             break
         token = sampler(session.decode(token))
     decode_s = time.perf_counter() - decode_start
