@@ -27,6 +27,8 @@ CASES = [
     (["--rules", "qwen3-moe-cpu-torch", "--max-new-tokens", "-3"], "--max-new-tokens must be >= 0, got -3"),
     (["--rules", "qwen3-moe-cpu-torch", "--max-length", "0"], "--max-length must be >= 1, got 0"),
     (["--rules", "qwen3-moe-cpu-torch", "--max-length", "2"], "beyond the cache size 2"),
+    # A cache beyond any machine's address space: torch's allocation failure, told in --max-length's terms.
+    (["--rules", "qwen3-moe-cpu-torch", "--max-length", str(10**14)], "out of memory allocating the KV cache for --max-length"),
     (["--rules", "qwen3-moe-cpu-torch", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
     (["--rules", "qwen3-moe-cpu-torch", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
     (["--rules", "qwen3-moe-cpu-torch", "--top-k", "0"], "top_k must be >= 1, got 0"),

@@ -8,6 +8,7 @@ stop conditions and a streaming callback, and times prefill and decode separatel
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,28 @@ class GenerationResult:
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+_ALLOCATION_FAILURE = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+_REQUESTED_BYTES = re.compile(r"tried to allocate (\d+) bytes")
+
+
+def _is_allocation_failure(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or bool(_ALLOCATION_FAILURE.search(str(exc)))
+
+
+def _out_of_memory_message(exc: BaseException, tokens: int, max_length: int, cache_allocated: bool) -> str:
+    """Say what ran out of memory in the terms the user controls (--max-length, the prompt).
+
+    The cache's buffers are allocated on the first forward call, sized by --max-length, so a
+    failure there is almost always a --max-length too large for the machine.
+    """
+    found = _REQUESTED_BYTES.search(str(exc))
+    asked = f" ({int(found.group(1)) / 2**30:.1f} GiB asked for at once)" if found else ""
+    if not cache_allocated:
+        return (f"out of memory allocating the KV cache for --max-length {max_length}{asked}; "
+                "lower --max-length (the longest prompt plus reply you need)")
+    return f"out of memory running {tokens} prompt tokens{asked}; shorten the prompt or lower --max-length"
+
+
 @dataclass
 class Session:
     """A static KV cache and the tokens it holds, for one sequence.
@@ -70,8 +93,15 @@ class Session:
             )
         input_ids = torch.tensor([list(ids)], device=self.input_device)
         positions = torch.arange(start, start + len(ids), device=self.input_device)[None]
-        with torch.inference_mode():
-            out = self.model(input_ids=input_ids, position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=1)
+        cache_allocated = any(getattr(layer, "is_initialized", False) for layer in self.cache.layers)
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=input_ids, position_ids=positions, cache=self.cache, use_cache=True,
+                                 logits_to_keep=1)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_allocation_failure(exc):
+                raise
+            raise KtUserError(_out_of_memory_message(exc, len(ids), self.max_length, cache_allocated)) from None
         return out.logits[0, -1]
 
     def _rewind(self, keep: int) -> None:
