@@ -7,6 +7,11 @@ gguf-py (on the first `--reference-elements` of the same data, because it is slo
 plus the speedup. Both run in the same process on the same cores; timings are the best
 of `--repeat` runs, each including allocation of the output, as a caller would see.
 
+Beside them stands the write ceiling measured in the same run: filling a fresh float32
+tensor of the same size (allocated the way `dequantize` allocates its output). No
+dequantizer can beat it, so `ceiling_speedup` is the most any decoder could gain over
+gguf-py on this machine, and `share_of_ceiling` says how close kt's decoder comes.
+
 Example:
     PYTHONPATH=kt_core/src python benchmarks/dequantize_throughput.py --types Q4_K,Q8_0
 """
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from kt_core.quant import host_memory
 from kt_core.quant.dequantize import SUPPORTED_TYPES, dequantize
 
 ROW = 4096
@@ -104,7 +110,24 @@ def rates(n_elements: int, input_bytes: int, seconds: float) -> dict[str, float]
     }
 
 
-def benchmark_type(name: str, n_elements: int, reference_elements: int, repeat: int) -> dict[str, object]:
+def write_ceiling(n_elements: int, repeat: int) -> dict[str, float]:
+    """Best rate of allocating and filling a float32 output of `n_elements`: the bound
+    every decoder's output stream runs into once its arithmetic is free."""
+
+    def fill() -> torch.Tensor:
+        return host_memory.empty(n_elements, torch.float32, torch.device("cpu")).fill_(1.0)
+
+    seconds = best_time(fill, repeat)
+    return {
+        "seconds": round(seconds, 6),
+        "elements_per_s": round(n_elements / seconds),
+        "output_gb_per_s": round(n_elements * 4 / seconds / 1e9, 3),
+    }
+
+
+def benchmark_type(
+    name: str, n_elements: int, reference_elements: int, repeat: int, ceiling: dict[str, float]
+) -> dict[str, object]:
     qtype = GGMLQuantizationType[name]
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     data = make_data(name, n_elements, np.random.default_rng(0))
@@ -124,6 +147,8 @@ def benchmark_type(name: str, n_elements: int, reference_elements: int, repeat: 
         "reference_elements": reference_elements,
         "gguf_py": reference_rates,
         "speedup": round(ours_rates["elements_per_s"] / reference_rates["elements_per_s"], 2),
+        "ceiling_speedup": round(ceiling["elements_per_s"] / reference_rates["elements_per_s"], 2),
+        "share_of_ceiling": round(ours_rates["elements_per_s"] / ceiling["elements_per_s"], 3),
     }
 
 
@@ -182,9 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_before": _load_average(),
         "results": {},
     }
+    ceiling = write_ceiling(elements, args.repeat)
+    report["write_ceiling"] = ceiling
     results: dict[str, object] = report["results"]  # type: ignore[assignment]
     for name in names:
-        results[name] = benchmark_type(name, elements, reference_elements, args.repeat)
+        results[name] = benchmark_type(name, elements, reference_elements, args.repeat, ceiling)
     # Other processes on the machine distort timings (torch's threads wait on each other);
     # the load average lets a reader judge whether a run was quiet.
     report["load_average_after"] = _load_average()
