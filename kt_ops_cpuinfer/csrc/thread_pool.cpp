@@ -33,6 +33,7 @@ Job::Job(std::vector<Phase> phases)
 }
 
 void Job::wait() {
+    if (!done() && pool_ != nullptr) pool_->help(*this);
     if (!done()) {
         std::unique_lock<std::mutex> lock(mutex_);
         cv_.wait(lock, [this] { return done(); });
@@ -40,10 +41,10 @@ void Job::wait() {
     if (error_) std::rethrow_exception(error_);
 }
 
-ThreadPool::ThreadPool(int threads) {
+ThreadPool::ThreadPool(int threads) : threads_(threads) {
     if (threads < 1) throw std::invalid_argument("a thread pool needs at least one thread");
-    workers_.reserve(static_cast<size_t>(threads));
-    for (int i = 0; i < threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+    workers_.reserve(static_cast<size_t>(threads - 1));
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -61,6 +62,7 @@ std::shared_ptr<Job> ThreadPool::submit(std::vector<Phase> phases) {
         job->done_.store(true, std::memory_order_release);
         return job;
     }
+    job->pool_ = this;
     {
         std::lock_guard<std::mutex> lock(mutex_);
         job->seq_ = ++next_seq_;
@@ -68,6 +70,28 @@ std::shared_ptr<Job> ThreadPool::submit(std::vector<Phase> phases) {
     }
     cv_.notify_all();
     return job;
+}
+
+// The waiting caller works through the queue from its front (the jobs before its own must
+// finish first anyway) until its job is done. A front job whose phases are all done is
+// being retired by the thread that finished it; the caller waits for that in a pause loop.
+void ThreadPool::help(Job& job) {
+    bool expected = false;
+    if (!slot0_taken_.compare_exchange_strong(expected, true, std::memory_order_acquire)) return;
+    while (!job.done()) {
+        std::shared_ptr<Job> front;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (!queue_.empty()) front = queue_.front();
+        }
+        if (!front) break;  // our job left the queue and is about to be marked done
+        if (front->phase_.load(std::memory_order_acquire) >= static_cast<int>(front->phases_.size())) {
+            _mm_pause();
+            continue;
+        }
+        run_job(*front, 0);
+    }
+    slot0_taken_.store(false, std::memory_order_release);
 }
 
 // Idle workers sleep at once instead of polling for the next job: between two layers the

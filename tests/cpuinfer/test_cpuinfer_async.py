@@ -91,3 +91,43 @@ def test_misuse_is_reported():
     unloaded = KExpertsCPU(KEY, source, moe_config(E, H, inter), None, "cpu")
     with pytest.raises(RuntimeError, match="before load"):
         unloaded.submit(torch.randn(2, H), ids, weights)
+
+
+def test_a_one_thread_pool_has_no_workers_and_computes_in_sync():
+    """threads=1 is the caller alone: submit queues the job, sync computes all of it."""
+    E, H, inter = 4, 64, 32
+    source, _ = moe_source(("Q4_0", "Q8_0", "Q8_0"), E, H, inter, seed=3)
+    one = loaded(KExpertsCPU, source, moe_config(E, H, inter), threads=1)
+    two = loaded(KExpertsCPU, source, moe_config(E, H, inter), threads=2)
+    x, (ids, weights) = torch.randn(5, H), routing(5, E, 2, seed=3)
+    one.submit(x, ids, weights)
+    assert not one.done()  # nobody computes until the caller waits
+    torch.testing.assert_close(one.sync(), two(x, ids, weights), rtol=0, atol=0)
+
+
+def test_callers_waiting_on_one_pool_from_several_threads_get_their_own_results():
+    """Only one waiting thread at a time computes as the pool's thread 0 (its scratch slot);
+    the others sleep until their job is done. Results must not mix whatever the timing."""
+    E, H, inter = 4, 64, 32
+    layers, inputs, expected = [], [], []
+    for seed in range(4):
+        source, _ = moe_source(("Q8_0", "Q4_0", "Q8_0"), E, H, inter, seed=10 + seed)
+        layer = loaded(KExpertsCPU, source, moe_config(E, H, inter), threads=2)
+        x, route = torch.randn(3 + seed, H), routing(3 + seed, E, 2, seed=seed)
+        layers.append(layer)
+        inputs.append((x, *route))
+        expected.append(layer(*inputs[-1]))
+    failures: list[str] = []
+
+    def hammer(i: int) -> None:
+        for _ in range(200):
+            if not torch.equal(layers[i](*inputs[i]), expected[i]):
+                failures.append(f"layer {i}")
+                return
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures

@@ -1,9 +1,12 @@
 """The engine's worker pools: one persistent pool per thread count, shared by the layers.
 
-A pool is a set of C++ worker threads with a job queue. Every layer that asks for the
-same thread count gets the same pool, so a model with 60 MoE layers runs on `threads`
-workers, not 60 times as many; each layer still owns its buffers, and jobs of different
-layers run one after the other in submission order.
+A pool of `threads` computes with `threads - 1` C++ worker threads plus the thread that
+waits for a job (`sync`, or a synchronous call), which runs queued tasks while it waits
+instead of sleeping; so a synchronous call starts at once and the machine never runs more
+compute threads than `threads`. Every layer that asks for the same thread count gets the
+same pool, so a model with 60 MoE layers runs on `threads` threads, not 60 times as many;
+each layer still owns its buffers, and jobs of different layers run one after the other
+in submission order.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def physical_cores() -> int:
 
 
 def get_pool(threads: int | None = None) -> _engine.ThreadPool:
-    """The shared pool with `threads` workers (physical cores when None), started on first use."""
+    """The shared pool of `threads` compute threads (physical cores when None), started on first use."""
     count = physical_cores() if threads is None else int(threads)
     if count < 1:
         raise ValueError(f"the CPU engine needs at least one thread, got {count}")
