@@ -3,6 +3,7 @@ it takes precedence; a tensor of a type kt cannot decode stops the run before lo
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -82,3 +83,43 @@ def test_a_type_kt_cannot_decode_is_reported_before_loading(converted: tuple[Pat
     assert (f"{gguf_name} (NVFP4; read as model.layers.1.mlp.experts.gate_up_proj, "
             "model.layers.1.mlp.experts.gate_proj)") in message
     assert "supported: BF16, F16, F32" in message and "Q4_K" in message  # the types that would work
+
+
+def _split_with_gguf_py(whole: Path, folder: Path, tensors_per_part: int) -> list[Path]:
+    """Rewrite `whole` as llama.cpp-style parts with gguf-py's own splitting writer."""
+    reader = gguf.GGUFReader(whole)
+    writer = gguf.GGUFWriter(str(folder / "model.gguf"), reader.fields["general.architecture"].contents(),
+                             split_max_tensors=tensors_per_part)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment"):
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), value_type, sub_type)
+    for tensor in reader.tensors:
+        # `data` is already shaped as gguf-py wants: rows of elements, or of block bytes.
+        writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return sorted(folder.glob("model-*-of-*.gguf"))
+
+
+def test_a_split_gguf_runs_as_one_model_from_its_first_part(
+    converted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, whole = converted
+    parts = _split_with_gguf_py(whole, tmp_path, tensors_per_part=8)
+    assert len(parts) >= 3 and parts[0].name.endswith("-00001-of-%05d.gguf" % len(parts))
+    (tmp_path / "unrelated.gguf").write_bytes(whole.read_bytes())  # never merged in
+
+    def tokens(model: Path) -> list[int]:
+        capsys.readouterr()
+        assert main(["generate", "--model", str(model), "--rules", "qwen3-moe-cpu-torch", "--prompt", PROMPT,
+                     "--max-new-tokens", "8", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["tokens"]
+
+    assert tokens(parts[0]) == tokens(whole)
+    source = open_model(str(parts[0]), None, get_registry()).source
+    assert sorted(source.names()) == sorted(open_model(str(whole), None, get_registry()).source.names())
