@@ -111,7 +111,7 @@ def test_a_split_gguf_runs_as_one_model_from_its_first_part(
 ) -> None:
     _, whole = converted
     parts = _split_with_gguf_py(whole, tmp_path, tensors_per_part=8)
-    assert len(parts) >= 3 and parts[0].name.endswith("-00001-of-%05d.gguf" % len(parts))
+    assert len(parts) >= 3 and parts[0].name.endswith(f"-00001-of-{len(parts):05d}.gguf")
     (tmp_path / "unrelated.gguf").write_bytes(whole.read_bytes())  # never merged in
 
     def tokens(model: Path) -> list[int]:
