@@ -158,3 +158,16 @@ def test_converted_file_decodes_like_gguf_py_within_the_types_bound(ggml_type, k
         got = source.load(name, dtype=torch.float32)
         rel = float((got - tensor).norm() / tensor.norm())
         assert rel <= bound, (name, sorted(types), rel)
+
+
+def test_writing_shows_a_progress_bar(tmp_path, capsys):
+    from kt_core.convert import write_gguf
+
+    saved("qwen3-moe", tmp_path)
+    inputs = open_model(str(tmp_path), None, get_registry())
+    capsys.readouterr()
+    planned = write_gguf(tmp_path / "m.gguf", inputs.source, inputs.config, get_registry(), ggml_type="Q8_0",
+                         show_progress=True)
+    err = capsys.readouterr().err
+    # tqdm draws its first frame at once and clears the bar at the end (leave=False).
+    assert "writing m.gguf" in err and f"0/{len(planned)}" in err
