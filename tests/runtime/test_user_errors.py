@@ -32,8 +32,11 @@ CASES = [
     (["--rules", "qwen3-moe-cpu-torch", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
     (["--rules", "qwen3-moe-cpu-torch", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
     (["--rules", "qwen3-moe-cpu-torch", "--top-k", "0"], "top_k must be >= 1, got 0"),
-    (["--rules", "qwen3-moe-cpu-torch", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--rules", "qwen3-moe-cpu-torch", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["--rules", "qwen3-moe-cpu-torch", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--rules", "qwen3-moe-cpu-torch", "--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+    (["--rules", "qwen3-moe-cpu-torch", "--temperature", "1", "--seed", str(2**64)], "seed must fit in 64 bits"),
+    (["--rules", "qwen3-moe-cpu-torch", "--stop", ""], "--stop TEXT must not be empty"),
 ]
 
 
@@ -77,6 +80,15 @@ def test_demo_checks_its_arguments(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--max-new-tokens", "-1"]) == 2
     assert "--max-new-tokens must be >= 0, got -1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # checked before the demo model is built
+
+
+def test_demo_cache_that_cannot_be_written(tmp_path, monkeypatch, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("KT_CACHE", str(not_a_folder / "kt"))
+    assert main(["demo", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "kt: error: cannot write the demo model to" in err and "set KT_CACHE to a writable folder" in err, err
 
 
 def test_config_of_another_architecture_than_the_gguf(model_dir, tmp_path, monkeypatch, capsys):

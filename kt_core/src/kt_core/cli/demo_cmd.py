@@ -37,12 +37,16 @@ def demo_model_path(rebuild: bool = False) -> str:
     """The cached demo GGUF, written on first use."""
     path = cache_dir() / f"kt-demo-v{DEMO_VERSION}-deepseek-v2-lite-tiny-Q8_0.gguf"
     if rebuild or not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"building the demo model (once) → {path}", file=sys.stderr)
-        tokenizer = build_demo_tokenizer()
-        config = demo_config(tokenizer)
-        write_gguf(path, demo_weights(config), config, get_registry(), ggml_type="Q8_0", tokenizer=tokenizer,
-                   name="kt-demo-deepseek-v2-lite-tiny")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"building the demo model (once) → {path}", file=sys.stderr)
+            tokenizer = build_demo_tokenizer()
+            config = demo_config(tokenizer)
+            write_gguf(path, demo_weights(config), config, get_registry(), ggml_type="Q8_0", tokenizer=tokenizer,
+                       name="kt-demo-deepseek-v2-lite-tiny")
+        except OSError as exc:
+            raise KtUserError(f"cannot write the demo model to {path.parent} ({exc.strerror or exc}); "
+                              "set KT_CACHE to a writable folder") from None
     return str(path)
 
 

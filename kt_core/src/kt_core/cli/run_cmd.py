@@ -64,6 +64,8 @@ def _sampling(args: argparse.Namespace) -> SamplingConfig:
         raise KtUserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.max_length < 1:
         raise KtUserError(f"--max-length must be >= 1, got {args.max_length}")
+    if "" in args.stop:
+        raise KtUserError("--stop TEXT must not be empty (an empty string would stop at the first token)")
     try:
         return SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as exc:
