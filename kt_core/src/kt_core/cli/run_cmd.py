@@ -23,10 +23,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", action="append", default=[], metavar="FROM=TO", help="remap a device (repeatable)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of activations and kept weights")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    p.add_argument("--max-length", type=int, default=4096, help="KV cache size in tokens")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
+    # kt bench sizes its cache from --prompt-len and --gen-len, so only generate/chat take it.
+    p.add_argument("--max-length", type=int, default=4096, help="KV cache size in tokens")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
