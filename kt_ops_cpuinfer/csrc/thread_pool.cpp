@@ -4,6 +4,7 @@
 #include <immintrin.h>
 #include <sched.h>
 
+#include <chrono>
 #include <stdexcept>
 #include <utility>
 
@@ -32,11 +33,15 @@ Job::Job(std::vector<Phase> phases)
     }
 }
 
+// A waiter that finds slot 0 taken sleeps in short slices and retries: the thread holding
+// it leaves once its own job is done, and with no workers (threads == 1) nobody else
+// would run the jobs still queued.
 void Job::wait() {
-    if (!done() && pool_ != nullptr) pool_->help(*this);
-    if (!done()) {
+    while (!done()) {
+        if (pool_ != nullptr) pool_->help(*this);
+        if (done()) break;
         std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [this] { return done(); });
+        cv_.wait_for(lock, std::chrono::milliseconds(1), [this] { return done(); });
     }
     if (error_) std::rethrow_exception(error_);
 }

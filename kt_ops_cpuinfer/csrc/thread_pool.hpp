@@ -20,7 +20,7 @@
 // instead of paying for waking a sleeping worker and being woken again when it is done
 // (about 100 us per job on a 2-core VM, against 150-500 us of work), and while the caller
 // computes Python between submit and sync, the machine runs N threads, not N+1. One
-// waiting thread at a time holds slot 0; any other waiter just sleeps until its job is done.
+// waiting thread at a time holds slot 0; any other waiter sleeps in 1 ms slices and retries.
 #pragma once
 
 #include <atomic>

@@ -105,14 +105,16 @@ def test_a_one_thread_pool_has_no_workers_and_computes_in_sync():
     torch.testing.assert_close(one.sync(), two(x, ids, weights), rtol=0, atol=0)
 
 
-def test_callers_waiting_on_one_pool_from_several_threads_get_their_own_results():
+@pytest.mark.parametrize("pool_threads", [1, 2])
+def test_callers_waiting_on_one_pool_from_several_threads_get_their_own_results(pool_threads):
     """Only one waiting thread at a time computes as the pool's thread 0 (its scratch slot);
-    the others sleep until their job is done. Results must not mix whatever the timing."""
+    the others wait and retry. Results must not mix whatever the timing, and with no
+    workers at all (threads=1) every caller still gets its job run."""
     E, H, inter = 4, 64, 32
     layers, inputs, expected = [], [], []
     for seed in range(4):
         source, _ = moe_source(("Q8_0", "Q4_0", "Q8_0"), E, H, inter, seed=10 + seed)
-        layer = loaded(KExpertsCPU, source, moe_config(E, H, inter), threads=2)
+        layer = loaded(KExpertsCPU, source, moe_config(E, H, inter), threads=pool_threads)
         x, route = torch.randn(3 + seed, H), routing(3 + seed, E, 2, seed=seed)
         layers.append(layer)
         inputs.append((x, *route))
@@ -125,9 +127,36 @@ def test_callers_waiting_on_one_pool_from_several_threads_get_their_own_results(
                 failures.append(f"layer {i}")
                 return
 
-    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    # Daemon threads with a bounded join: a deadlock fails the test instead of hanging it.
+    threads = [threading.Thread(target=hammer, args=(i,), daemon=True) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "callers deadlocked on the pool"
     assert not failures
+
+
+def test_a_waiter_that_finds_thread_0_busy_still_gets_its_job_run():
+    """threads=1: thread X syncs a long job A and computes it as thread 0; meanwhile the main
+    thread syncs job B, queued behind A. When X leaves (A done), B must still be run: the
+    main thread takes slot 0 over instead of sleeping forever."""
+    a = big_layer(threads=1)
+    E, H, inter = 4, 64, 32
+    source, _ = moe_source(("Q8_0", "Q8_0", "Q8_0"), E, H, inter, seed=5)
+    b = loaded(KExpertsCPU, source, moe_config(E, H, inter), threads=1)
+    xa, ids_a, weights_a = torch.randn(128, 1024) * 0.01, torch.arange(8).repeat(128, 1), torch.full((128, 8), 0.125)
+    xb, (ids_b, weights_b) = torch.randn(2, H), routing(2, E, 2, seed=5)
+    expected_b = b(xb, ids_b, weights_b)
+    a.submit(xa, ids_a, weights_a)
+    b.submit(xb, ids_b, weights_b)
+    helper = threading.Thread(target=a.sync, daemon=True)
+    helper.start()
+    time.sleep(0.02)  # X is now computing A (well over 50 ms of work) as thread 0
+    result: list[torch.Tensor] = []
+    waiter = threading.Thread(target=lambda: result.append(b.sync()), daemon=True)
+    waiter.start()
+    waiter.join(timeout=120)
+    helper.join(timeout=120)
+    assert not waiter.is_alive(), "the second waiter was never given its job"
+    torch.testing.assert_close(result[0], expected_b, rtol=0, atol=0)
