@@ -101,13 +101,13 @@ def best_time(run: Callable[[], object], repeat: int) -> float:
     return best
 
 
-def rates(n_elements: int, input_bytes: int, seconds: float) -> dict[str, float]:
-    return {
-        "seconds": round(seconds, 6),
-        "elements_per_s": round(n_elements / seconds),
-        "input_gb_per_s": round(input_bytes / seconds / 1e9, 3),
-        "output_gb_per_s": round(n_elements * 4 / seconds / 1e9, 3),
-    }
+def rates(n_elements: int, input_bytes: int | None, seconds: float) -> dict[str, float]:
+    """Timing of `n_elements` float32 outputs; input GB/s only where there is an input."""
+    result = {"seconds": round(seconds, 6), "elements_per_s": round(n_elements / seconds)}
+    if input_bytes is not None:
+        result["input_gb_per_s"] = round(input_bytes / seconds / 1e9, 3)
+    result["output_gb_per_s"] = round(n_elements * 4 / seconds / 1e9, 3)
+    return result
 
 
 def write_ceiling(n_elements: int, repeat: int) -> dict[str, float]:
@@ -117,12 +117,7 @@ def write_ceiling(n_elements: int, repeat: int) -> dict[str, float]:
     def fill() -> torch.Tensor:
         return host_memory.empty(n_elements, torch.float32, torch.device("cpu")).fill_(1.0)
 
-    seconds = best_time(fill, repeat)
-    return {
-        "seconds": round(seconds, 6),
-        "elements_per_s": round(n_elements / seconds),
-        "output_gb_per_s": round(n_elements * 4 / seconds / 1e9, 3),
-    }
+    return rates(n_elements, None, best_time(fill, repeat))
 
 
 def benchmark_type(
