@@ -7,9 +7,12 @@ routed experts run. Weight types as a Q4_K_M GGUF stores them: gate/up Q4_K and 
 and an all-Q8_0 variant.
 
 Decode reads ~38 MB (Q4_K) / ~55 MB (Q8_0) of expert weights per call, which a large L3
-could hold; the benchmark therefore allocates several layers of distinct experts (over
-1 GiB in all) and cycles through layers with fresh random routing, so every call reads
-cold memory like a real model's 27 layers do. The roofline is measured in the same run:
+could hold; the benchmark therefore allocates several layers of distinct experts and
+cycles through layers with fresh random routing, so calls read cold memory like a real
+model's 27 layers do. How many: at least 8x the last-level cache (and 1 GiB), since an
+expert touched a few calls ago can still sit in a big L3 (480 MiB on some of the machines
+this runs on) -- with random routing the share of touched bytes an L3 can serve is at
+most its size over the bytes allocated, which the JSON reports as `l3_share_bound`. The roofline is measured in the same run:
 a streaming read of a 1 GiB buffer with torch.sum and with the engine's own threads
 over the same buffer); the higher one is used. The machine is shared and its bandwidth
 moves, so decode is measured in rounds, each right after its own bandwidth probe, and
@@ -33,6 +36,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,6 +92,21 @@ def _random_blocks(shape: tuple[int, int, int], ggml_type: str, rng: np.random.G
     for off in SCALE_OFFSETS[ggml_type]:
         blocks[:, off:off + 2] = np.full(n_blocks, 1e-3, dtype=np.float16).view(np.uint8).reshape(n_blocks, 2)
     return blocks.reshape(-1)
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache sysfs reports for CPU 0 (0 when it cannot be read)."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=0)
+
+
+def layers_to_cycle(per_layer: int, llc: int) -> int:
+    """Layers of distinct experts to allocate: >= 8x the last-level cache, >= 1 GiB, >= 2."""
+    return max(2, -(-max(GIB, 8 * llc) // per_layer) + 1)
 
 
 def _config() -> PretrainedConfig:
@@ -238,11 +257,13 @@ def main() -> None:
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
+    llc = last_level_cache_bytes()
 
     report: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores_available": len(os.sched_getaffinity(0)),
                     "engine_threads": threads, "torch_threads": torch.get_num_threads(),
-                    "isas_supported": _engine.supported_isas(), "load_average_at_start": os.getloadavg()},
+                    "isas_supported": _engine.supported_isas(), "last_level_cache_bytes": llc,
+                    "load_average_at_start": os.getloadavg()},
         "shape": {"hidden": HIDDEN, "experts": EXPERTS, "intermediate": INTER, "top_k": TOP_K,
                   "shared_intermediate": SHARED_INTER},
         "results": [],
@@ -257,13 +278,14 @@ def main() -> None:
     torch_set = None if args.skip_torch else torch_layers(2)
     for variant in VARIANTS:
         per_layer = expert_bytes(variant) * EXPERTS
-        count = max(2, -(-GIB // per_layer) + 1)  # over 1 GiB of distinct experts
+        count = layers_to_cycle(per_layer, llc)
         layers = engine_layers(variant, count, threads, args.isa, rng)
         isa = layers[0].isa
         touched = expert_bytes(variant) * TOP_K
         entry: dict[str, Any] = {
             "weights": dict(zip(("gate", "up", "down"), VARIANTS[variant], strict=True)), "isa": isa,
             "layers_cycled": count, "expert_bytes_allocated": per_layer * count,
+            "l3_share_bound": round(llc / (per_layer * count), 3),
             "decode": decode_rounds(layers, bw, touched, rounds=args.repeats, calls=20),
             "prefill": [],
         }
