@@ -12,9 +12,9 @@ cycles through layers with fresh random routing, so calls read cold memory like 
 model's 27 layers do. How many: at least 8x the last-level cache (and 1 GiB), since an
 expert touched a few calls ago can still sit in a big L3 (480 MiB on some of the machines
 this runs on) -- with random routing the share of touched bytes an L3 can serve is at
-most its size over the bytes allocated, which the JSON reports as `l3_share_bound`. The roofline is measured in the same run:
-a streaming read of a 1 GiB buffer with torch.sum and with the engine's own threads
-over the same buffer); the higher one is used. The machine is shared and its bandwidth
+most its size over the bytes allocated, which the JSON reports as `l3_share_bound`.
+The roofline is measured in the same run: a streaming read of a 1 GiB buffer with
+torch.sum and with the engine's own threads over the same buffer); the higher one is used. The machine is shared and its bandwidth
 moves, so decode is measured in rounds, each right after its own bandwidth probe, and
 the reported fraction of the roofline is the median over rounds of
 (expert bytes touched / that round's read bandwidth) / that round's median call time.
@@ -96,10 +96,10 @@ def _random_blocks(shape: tuple[int, int, int], ggml_type: str, rng: np.random.G
 
 def last_level_cache_bytes() -> int:
     """Size of the largest CPU cache sysfs reports for CPU 0 (0 when it cannot be read)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
     sizes = []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = entry.read_text().strip()
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
         sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
     return max(sizes, default=0)
 

@@ -101,8 +101,8 @@ void ThreadPool::help(Job& job) {
 
 // Idle workers sleep at once instead of polling for the next job: between two layers the
 // caller computes attention or shared experts, and with one compute thread per core (the
-// caller being one of them) a polling worker would take a core from it. Waking costs a few microseconds per
-// job, small against a layer's milliseconds.
+// caller being one of them) a polling worker would take a core from it. Waking costs a
+// few microseconds per job, small against a layer's milliseconds.
 std::shared_ptr<Job> ThreadPool::next_job(uint64_t seen) {
     std::unique_lock<std::mutex> lock(mutex_);
     cv_.wait(lock, [&] { return stop_ || (!queue_.empty() && queue_.front()->seq_ > seen); });
