@@ -164,14 +164,16 @@ PYBIND11_MODULE(_engine, m) {
         .def_property_readonly("scratch_bytes", &MoELayer::scratch_bytes);
 
     py::class_<LinearOp>(m, "Linear")
-        .def(py::init([](std::shared_ptr<ThreadPool> pool, const std::string& isa, const MatrixSpec& weight) {
-                 return std::make_unique<LinearOp>(std::move(pool), kernels_for(isa), to_view(weight));
+        .def(py::init([](std::shared_ptr<ThreadPool> pool, const std::string& isa, const MatrixSpec& weight,
+                         int groups) {
+                 return std::make_unique<LinearOp>(std::move(pool), kernels_for(isa), to_view(weight), groups);
              }),
-             py::arg("pool"), py::arg("isa"), py::arg("weight"))
+             py::arg("pool"), py::arg("isa"), py::arg("weight"), py::arg("groups") = 1)
         .def("forward", [](LinearOp& self, uintptr_t x, int tokens, uintptr_t out, uintptr_t bias) {
                  py::gil_scoped_release release;
                  self.forward(as_ptr<const float>(x), tokens, as_ptr<float>(out), as_ptr<const float>(bias));
              },
              py::arg("x"), py::arg("tokens"), py::arg("out"), py::arg("bias"))
-        .def_property_readonly("isa", [](const LinearOp& self) { return std::string(self.isa()); });
+        .def_property_readonly("isa", [](const LinearOp& self) { return std::string(self.isa()); })
+        .def_property_readonly("groups", &LinearOp::groups);
 }

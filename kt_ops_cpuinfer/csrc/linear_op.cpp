@@ -9,10 +9,11 @@
 
 namespace kt {
 
-LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels, const MatrixView& weight)
-    : pool_(std::move(pool)), k_(kernels), w_(weight) {
+LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels, const MatrixView& weight, int groups)
+    : pool_(std::move(pool)), k_(kernels), w_(weight), groups_(groups) {
     if (!pool_) throw std::invalid_argument("LinearOp needs a thread pool");
     if (w_.data == nullptr || w_.rows < 1 || w_.cols < 1) throw std::invalid_argument("LinearOp: empty weight");
+    if (groups_ < 1) throw std::invalid_argument("LinearOp: groups must be at least 1");
     const WTypeInfo& info = wtype_info(w_.type);
     if (w_.cols % info.block_values != 0)
         throw std::invalid_argument(std::string("LinearOp: rows of ") + std::to_string(w_.cols) +
@@ -23,26 +24,33 @@ LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels,
 
 void LinearOp::forward(const float* x, int tokens, float* out, const float* bias) {
     if (tokens <= 0) return;
-    uint8_t* xq = xq_.reserve(static_cast<size_t>(tokens) * act_row_);
-    rows_.resize(static_cast<size_t>(tokens));
-    for (int t = 0; t < tokens; ++t) rows_[static_cast<size_t>(t)] = xq + static_cast<size_t>(t) * act_row_;
-    const int chunk = rows_per_task(w_.rows, 1, pool_->threads());
-    const int chunks = (w_.rows + chunk - 1) / chunk;
-    const int cols = w_.cols, nrows = w_.rows;
+    if (bias != nullptr && groups_ != 1) throw std::invalid_argument("LinearOp: a bias needs a single group");
+    const int groups = groups_, cols = w_.cols, nrows = w_.rows;
+    const int in_rows = tokens * groups;  // token t's group g input is quantized row t * groups + g
+    uint8_t* xq = xq_.reserve(static_cast<size_t>(in_rows) * act_row_);
+    // The kernel takes one activation pointer per token; group g's list starts at g * tokens.
+    rows_.resize(static_cast<size_t>(in_rows));
+    for (int g = 0; g < groups; ++g)
+        for (int t = 0; t < tokens; ++t)
+            rows_[static_cast<size_t>(g) * tokens + t] = xq + (static_cast<size_t>(t) * groups + g) * act_row_;
+    const int chunk = rows_per_task(nrows, groups, pool_->threads());
+    const int chunks_per_group = (nrows + chunk - 1) / chunk;
+    const size_t out_stride = static_cast<size_t>(groups) * nrows;
     std::vector<Phase> phases;
-    phases.push_back({tokens, [=](int t, int) {
-                          k_.quantize_row(act_, x + static_cast<size_t>(t) * static_cast<size_t>(cols), cols,
-                                          xq + static_cast<size_t>(t) * act_row_);
+    phases.push_back({in_rows, [=](int row, int) {
+                          k_.quantize_row(act_, x + static_cast<size_t>(row) * static_cast<size_t>(cols), cols,
+                                          xq + static_cast<size_t>(row) * act_row_);
                       }});
-    phases.push_back({chunks, [=](int task, int) {
-                          const int r0 = task * chunk;
+    phases.push_back({groups * chunks_per_group, [=](int task, int) {
+                          const int g = task / chunks_per_group;
+                          const int r0 = (task % chunks_per_group) * chunk;
                           const int nr = std::min(chunk, nrows - r0);
-                          float* o = out + r0;
-                          k_.gemm(w_.type, w_.row(0, r0), w_.row_stride, nr, cols, rows_.data(), tokens, o,
-                                  static_cast<size_t>(nrows));
+                          float* o = out + static_cast<size_t>(g) * nrows + r0;
+                          k_.gemm(w_.type, w_.row(g, r0), w_.row_stride, nr, cols,
+                                  rows_.data() + static_cast<size_t>(g) * tokens, tokens, o, out_stride);
                           if (bias != nullptr)
                               for (int t = 0; t < tokens; ++t)
-                                  for (int r = 0; r < nr; ++r) o[static_cast<size_t>(t) * nrows + r] += bias[r0 + r];
+                                  for (int r = 0; r < nr; ++r) o[static_cast<size_t>(t) * out_stride + r] += bias[r0 + r];
                       }});
     pool_->submit(std::move(phases))->wait();
 }

@@ -1,9 +1,12 @@
-// A linear layer y = x W^T (+ b) on a stored (possibly quantized) weight.
+// A linear layer y = x W^T (+ b) on a stored (possibly quantized) weight, or G of them
+// side by side ("per-head" products: y[t, g] = W_g x[t, g]).
 //
 // The same kernels as the experts, for the dense projections a rule sends to the CPU
-// engine (lm_head, shared experts, dense MLPs). It runs synchronously on the pool: the
-// input rows are quantized in one phase, then row blocks of W are tasks, each doing all
-// tokens. Like MoELayer, each op owns its scratch.
+// engine (lm_head, shared experts, dense MLPs) and for MLA's absorbed per-head products,
+// whose sixteen-odd small matrices are one task list here instead of sixteen calls. It
+// runs synchronously on the pool: the input rows are quantized in one phase, then row
+// blocks of each group's W are tasks, each doing all tokens. Like MoELayer, each op owns
+// its scratch.
 #pragma once
 
 #include <memory>
@@ -18,16 +21,20 @@ namespace kt {
 
 class LinearOp {
 public:
-    LinearOp(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels, const MatrixView& weight);
+    // Group g's weight is `weight`'s "expert" g (rows from weight.row(g, r)).
+    LinearOp(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels, const MatrixView& weight, int groups = 1);
 
-    // out[T, rows] = x[T, cols] W^T (+ bias[rows] when not null); all float32, contiguous.
+    // out[T, groups * rows] = per group g: x[T, g-th cols slice] W_g^T (+ bias[rows] when not
+    // null, only for one group); all float32, contiguous.
     void forward(const float* x, int tokens, float* out, const float* bias);
     const char* isa() const { return k_.isa; }
+    int groups() const { return groups_; }
 
 private:
     std::shared_ptr<ThreadPool> pool_;
     const KernelTable& k_;
     MatrixView w_;
+    int groups_;
     ActKind act_;
     size_t act_row_;
     AlignedBuffer xq_;

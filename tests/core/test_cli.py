@@ -191,3 +191,8 @@ def test_explain_shows_device_notes_of_backends(capsys):
     assert "generate_op=KLinearMarlin (int4, CPU path)" in capsys.readouterr().out
     assert main(args) == 0
     assert "generate_op=KLinearMarlin (int4, Triton kernel)" in capsys.readouterr().out
+
+
+def test_explain_shows_the_attention_per_head_backend(capsys):
+    assert main(["rules", "explain", "deepseek-v2-lite-cpu", "--model", "deepseek-ai/DeepSeek-V2-Lite-Chat"]) == 0
+    assert "KDeepseekV2Attention [absorb_op=KHeadwiseLinearCPUInfer]" in capsys.readouterr().out

@@ -158,6 +158,25 @@ def test_k_b_v_b_split_is_the_converters(case):
         assert torch.equal(tensors["blk.0.attn_v_b.weight"][h], rows[nope:])
 
 
+def test_reading_a_split_file_also_names_the_stored_halves(case):
+    """A per-head backend reads attn_k_b/attn_v_b as stored under kv_b_proj.k_b/.v_b; only
+    reading adds those names (writing must produce each GGUF tensor once), and a legacy
+    file, which has no stored halves, has none."""
+    config, _, state = case
+    tensors = to_gguf(name_map(config, None), state)
+    nm = name_map(config, frozenset(tensors))
+    for i in range(config.num_hidden_layers):
+        for half in ("k_b", "v_b"):
+            mapping = nm.get(f"model.layers.{i}.self_attn.kv_b_proj.{half}")
+            assert mapping.gguf_names == (f"blk.{i}.attn_{half}.weight",) and mapping.is_identity
+    assert nm.get("model.layers.0.self_attn.kv_b_proj.k_b") is not None
+    assert name_map(config, None).get("model.layers.0.self_attn.kv_b_proj.k_b") is None
+    legacy = {n: t for n, t in tensors.items() if not n.endswith(("attn_k_b.weight", "attn_v_b.weight"))}
+    legacy |= {f"blk.{i}.attn_kv_b.weight": state[f"model.layers.{i}.self_attn.kv_b_proj.weight"]
+               for i in range(config.num_hidden_layers)}
+    assert name_map(config, frozenset(legacy)).get("model.layers.0.self_attn.kv_b_proj.k_b") is None
+
+
 @pytest.mark.parametrize("keep_split", [False, True], ids=["legacy-only", "legacy-and-split"])
 def test_legacy_attn_kv_b_files_are_read(case, keep_split):
     config, _, state = case

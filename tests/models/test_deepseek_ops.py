@@ -130,6 +130,10 @@ ATTENTION_PATHS = {
     "absorbed": "{absorb_for_prefill: true}",  # every call absorbed, the prompt too
     "expanded": "{prefill_threshold: 1}",  # every call expanded, decode too
     "mixed": "{prefill_threshold: 4}",  # prompt of 8 expanded, decode steps absorbed
+    # Every call absorbed, its per-head products on the CPU engine. The state dict has no
+    # stored halves, so the engine computes on the float32 halves cut from kv_b_proj, with
+    # float32 activations: the same products as torch's up to summation order.
+    "engine": "{absorb_op: KHeadwiseLinearCPUInfer, absorb_for_prefill: true}",
 }
 
 
@@ -158,7 +162,7 @@ def test_attention_prefill_and_decode_match_transformers(config_name, path, regi
         torch.testing.assert_close(injected(ids, use_cache=False).logits, expected, **LOGITS_TOL)  # cache=None
     torch.testing.assert_close(stepwise_logits(injected, ids, prompt_len=8), expected, **LOGITS_TOL)
 
-    if path == "absorbed":
+    if path in ("absorbed", "engine"):
         assert calls["expanded"] == 0 and calls["absorbed"] > 0
     elif path == "expanded":
         assert calls["absorbed"] == 0 and calls["expanded"] > 0
@@ -200,6 +204,33 @@ def test_absorbed_weights_are_float32_on_the_cpu_unless_a_dtype_is_given(kwargs,
     finally:
         torch.set_default_dtype(previous)
     assert {op.w_uk.dtype for op in ops} == {expected} and {op.w_uv.dtype for op in ops} == {expected}
+
+
+def test_engine_products_leave_kv_b_proj_unread(registry, rules_from):
+    """With a per-head backend for every call, no float copy of kv_b_proj is made: its
+    halves live in the backends (here as the fallback's float32 copy, counted as repacked),
+    and the kept child stays on meta, which the runtime allows for consumed children."""
+    reference = make_model("v2-lite")
+    model = meta_model(reference.config)
+    kwargs = ATTENTION_PATHS["engine"]
+    ops = inject(model, plan(model, rules_from(ATTENTION_RULE.format(kwargs=kwargs))), config=model.config,
+                 source=StateDictSource(reference.state_dict()), registry=registry)
+    for op in ops:
+        op.load()
+    attn = ops[0]
+    assert attn.w_uk is None and attn.w_uv is None and attn.kv_b_proj.weight.is_meta
+    config = reference.config
+    heads, nope, v_dim, rank = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank
+    assert attn.absorb_uk.shape == (heads, rank, nope) and attn.absorb_uv.shape == (heads, v_dim, rank)
+    assert attn.absorb_uk.memory().repacked == heads * rank * nope * 4
+    assert "absorb_op=KHeadwiseLinearCPUInfer" in repr(attn)
+
+
+def test_an_unknown_absorb_op_names_the_module_and_the_kind(registry, rules_from):
+    model = make_model("v2-lite")
+    rules = rules_from(ATTENTION_RULE.format(kwargs="{absorb_op: KLinearCPUInfer}"))
+    with pytest.raises(KtUserError, match=r"self_attn: absorb_op: .*KLinearCPUInfer.* headwise-backend"):
+        injected_copy(model, rules, registry)
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

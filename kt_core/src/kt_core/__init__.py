@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kt_core.backends import BackendMemory, ExpertsBackend, LinearBackend
+    from kt_core.backends import BackendMemory, ExpertsBackend, HeadwiseLinearBackend, LinearBackend
     from kt_core.errors import KtUserError
     from kt_core.hookspecs import hookimpl
     from kt_core.injected import BaseInjectedModule
@@ -25,6 +25,7 @@ _EXPORTS = {
     "BackendMemory": "kt_core.backends",
     "BaseInjectedModule": "kt_core.injected",
     "ExpertsBackend": "kt_core.backends",
+    "HeadwiseLinearBackend": "kt_core.backends",
     "KtUserError": "kt_core.errors",
     "LinearBackend": "kt_core.backends",
     "OperatorKind": "kt_core.registry",

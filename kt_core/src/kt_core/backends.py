@@ -1,7 +1,8 @@
-"""Backend contracts: what a linear or experts implementation must provide.
+"""Backend contracts: what a linear, experts or per-head linear implementation must provide.
 
 Backends do the arithmetic; the dispatching wrappers (`KTransformersLinear`,
-`KTransformersExperts`) own placement and choose a backend per call. A backend is
+`KTransformersExperts`) own placement and choose a backend per call, and model operators
+may hold backends of their own (MLA's absorbed per-head products). A backend is
 created by its wrapper with ``(key, gguf_loader, config, orig_module, device, **kwargs)``
 and must implement `load`, `unload` and `forward`. Keeping the contract this small is
 what lets a third-party plugin add a backend without touching kt.
@@ -10,6 +11,7 @@ what lets a third-party plugin add a backend without touching kt.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +181,64 @@ class ExpertsBackend(_Backend):
             raise RuntimeError(f"{type(self).__name__}.sync() at {self.key} without a submit()")
         result, self._pending = self._pending, None
         return result
+
+
+class HeadwiseLinearBackend(_Backend):
+    """Per-head products ``y[..., h, :] = W[h] @ x[..., h, :]`` for a stacked weight [heads, out, in].
+
+    What MLA's absorbed attention multiplies (each head's query into latent space, each
+    head's latent context back out): a dozen-odd small matrices with one input row each
+    per token, where one call over all heads beats a loop of linear layers. The weight is
+    tensor `key` of the source when the source has it (a GGUF file storing the per-head
+    halves, read as stored); otherwise `fallback(dtype)` builds it from other tensors (a
+    fused ``kv_b_proj``, a safetensors checkpoint).
+    """
+
+    def __init__(
+        self,
+        key: str,
+        gguf_loader: WeightSource | None,
+        config: PretrainedConfig,
+        orig_module: nn.Module | None,
+        device: str = "cpu",
+        *,
+        heads: int,
+        out_features: int,
+        in_features: int,
+        fallback: Callable[[torch.dtype | None], torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(key, gguf_loader, config, orig_module, device, **kwargs)
+        self.heads = heads
+        self.out_features = out_features
+        self.in_features = in_features
+        self.fallback = fallback
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.heads, self.out_features, self.in_features)
+
+    def stored(self) -> bool:
+        """Whether the source holds the weight as its own tensor `key` (else `fallback` builds it)."""
+        return self._source().has(self.key)
+
+    def load_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [heads, out, in] on this backend's device, from the source or the fallback."""
+        source = self._source()
+        if self.stored():
+            weight = source.load(self.key, dtype=dtype, device=self.device)
+        elif self.fallback is not None:
+            built = self.fallback(dtype)
+            weight = built.to(device=self.device, dtype=dtype or built.dtype)
+        else:
+            raise ValueError(f"{source.description} has no tensor {self.key} and {type(self).__name__} was given no fallback")
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"{source.description}: {self.key} has shape {tuple(weight.shape)}, expected {self.shape}")
+        return weight
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` [..., heads, in] on this backend's device → [..., heads, out]."""
 
 
 def _config_experts(config: PretrainedConfig) -> int:

@@ -28,6 +28,7 @@ class OperatorKind(StrEnum):
     MODULE = "module"
     LINEAR_BACKEND = "linear-backend"
     EXPERTS_BACKEND = "experts-backend"
+    HEADWISE_BACKEND = "headwise-backend"
 
 
 class UnknownNameError(KtUserError):

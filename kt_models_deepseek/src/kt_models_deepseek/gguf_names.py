@@ -13,6 +13,9 @@ file's tensor names:
   each head, *transposed*) and ``attn_v_b`` [H, v, kv_lora]. The current converter writes
   only these two, not ``attn_kv_b``, so that is also the form used for writing
   (``gguf_tensor_names=None``). A file holding both forms is read through ``attn_kv_b``.
+  When reading a split file, the halves are also readable as stored under
+  ``self_attn.kv_b_proj.k_b`` and ``self_attn.kv_b_proj.v_b`` (names kt adds beside the
+  module's own weight), so a per-head backend computes on their blocks directly.
 
 Rotary embeddings: llama.cpp runs ``deepseek2`` with ``LLAMA_ROPE_TYPE_NORM`` (rotation of
 adjacent pairs ``(x[2i], x[2i+1])``) and the converter does not permute the q/k rope
@@ -102,16 +105,21 @@ def _attention(
         out.append(_rope_permuted(*kv_a_bias, rope_rows, 1, kv_a_dim, keep_f32=True))
         if config.q_lora_rank is not None:
             out.append(same_tensor(f"{attn}.q_a_proj.bias", f"{blk}.attn_q_a.bias", keep_f32=True))
-    out.append(_kv_b(config, i, names))
+    out += _kv_b(config, i, names)
     return out
 
 
-def _kv_b(config: PretrainedConfig, i: int, names: frozenset[str] | None) -> TensorMapping:
-    """``kv_b_proj`` from the legacy ``attn_kv_b`` or from the split ``attn_k_b`` + ``attn_v_b``."""
+def _kv_b(config: PretrainedConfig, i: int, names: frozenset[str] | None) -> list[TensorMapping]:
+    """``kv_b_proj`` from the legacy ``attn_kv_b`` or from the split ``attn_k_b`` + ``attn_v_b``.
+
+    Reading a split file adds the stored halves under their own names (``kv_b_proj.k_b``
+    [H, kv_lora, nope], ``kv_b_proj.v_b`` [H, v, kv_lora]); writing never does, since each
+    GGUF tensor must be written once.
+    """
     hf_name = f"model.layers.{i}.self_attn.kv_b_proj.weight"
     legacy = f"blk.{i}.attn_kv_b.weight"
     if names is not None and legacy in names:
-        return same_tensor(hf_name, legacy)
+        return [same_tensor(hf_name, legacy)]
     k_b, v_b = f"blk.{i}.attn_k_b.weight", f"blk.{i}.attn_v_b.weight"
     heads, nope, v_dim, rank = (
         config.num_attention_heads,
@@ -134,7 +142,11 @@ def _kv_b(config: PretrainedConfig, i: int, names: frozenset[str] | None) -> Ten
         per_head = kv_b.reshape(heads, nope + v_dim, rank)
         return [per_head[:, :nope].transpose(1, 2).contiguous(), per_head[:, nope:].contiguous()]
 
-    return TensorMapping(hf_name, (k_b, v_b), to_hf=to_hf, to_gguf=to_gguf)
+    fused = TensorMapping(hf_name, (k_b, v_b), to_hf=to_hf, to_gguf=to_gguf)
+    if names is None:
+        return [fused]
+    halves = hf_name.removesuffix(".weight")
+    return [fused, same_tensor(f"{halves}.k_b", k_b), same_tensor(f"{halves}.v_b", v_b)]
 
 
 class _RopeRows:

@@ -41,6 +41,15 @@ class MLAAttentionKwargs(OperatorKwargs):
             "torch's default dtype on other devices."
         ),
     )
+    absorb_op: str | None = Field(
+        None,
+        description=(
+            "A registered per-head backend (kind headwise-backend) for the absorbed products with "
+            "W_UK and W_UV, e.g. KHeadwiseLinearCPUInfer: the CPU engine on the GGUF's stored "
+            "attn_k_b/attn_v_b blocks. When omitted, torch's batched matmuls on float copies of "
+            "kv_b_proj's halves. With absorb_for_prefill the float copies are not loaded at all."
+        ),
+    )
 
 
 class DeepseekMoEKwargs(OperatorKwargs):

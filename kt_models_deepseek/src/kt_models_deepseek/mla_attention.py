@@ -13,7 +13,10 @@ form instead, which is cheaper there.
 
 The projections before and after (``q_a_proj``, ``kv_a_proj_with_mqa``, ``o_proj``…) are
 the original's children, called as modules, so rules may replace them (for example
-with quantized linear operators). Only ``kv_b_proj``'s weight is read directly.
+with quantized linear operators). Only ``kv_b_proj``'s weight is read directly. The
+absorbed per-head products themselves run on torch's matmuls over float copies of its
+halves, or on a registered per-head backend named by `absorb_op` (the CPU engine's
+``KHeadwiseLinearCPUInfer`` computes them on the file's quantized ``attn_k_b``/``attn_v_b``).
 """
 
 from __future__ import annotations
@@ -26,10 +29,20 @@ from transformers import PretrainedConfig
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
+from kt_core.backends import HeadwiseLinearBackend
+from kt_core.errors import KtUserError
 from kt_core.injected import BaseInjectedModule
+from kt_core.registry import OperatorKind, Registry, UnknownNameError
 from kt_core.weights.source import WeightSource
 from kt_models_deepseek.kwargs import DEFAULT_MLA_PREFILL_THRESHOLD
-from kt_models_deepseek.mla_math import absorbed_attention, expanded_attention, mla_softmax_scale, split_kv_b
+from kt_models_deepseek.mla_math import (
+    HeadProjection,
+    absorbed_attention,
+    expanded_attention,
+    matmul_projection,
+    mla_softmax_scale,
+    split_kv_b,
+)
 from kt_models_deepseek.mla_rotary import PositionEmbeddings, apply_mla_rotary
 from kt_models_deepseek.visibility import key_visibility, query_positions
 
@@ -52,6 +65,8 @@ class KDeepseekV2Attention(BaseInjectedModule):
         absorb_for_prefill: bool = False,
         prefill_threshold: int = DEFAULT_MLA_PREFILL_THRESHOLD,
         dtype: str | None = None,
+        absorb_op: str | None = None,
+        registry: Registry | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(key, gguf_loader, config, orig_module, generate_device, prefill_device, **kwargs)
@@ -71,6 +86,36 @@ class KDeepseekV2Attention(BaseInjectedModule):
         self._arg_order = _V3_ARGS if isinstance(orig_module, DeepseekV3Attention) else _V2_ARGS
         self.w_uk: torch.Tensor | None = None
         self.w_uv: torch.Tensor | None = None
+        self.absorb_op = absorb_op
+        self.absorb_uk: HeadwiseLinearBackend | None = None
+        self.absorb_uv: HeadwiseLinearBackend | None = None
+        if absorb_op is not None:
+            self.absorb_uk, self.absorb_uv = self._headwise_backends(absorb_op, registry)
+
+    def _headwise_backends(
+        self, absorb_op: str, registry: Registry | None
+    ) -> tuple[HeadwiseLinearBackend, HeadwiseLinearBackend]:
+        """The backends of the two absorbed products: q_nope → latent (W_UK) and latent → v (W_UV)."""
+        if registry is None:
+            from kt_core.plugins import get_registry
+
+            registry = get_registry()
+        try:
+            spec = registry.resolve_operator(absorb_op, kind=OperatorKind.HEADWISE_BACKEND)
+        except UnknownNameError as exc:
+            raise KtUserError(f"KDeepseekV2Attention at {self.key}: absorb_op: {exc}") from None
+        cls = spec.load_class()
+        heads, nope, v_dim, rank = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+        halves = f"{self.key}.kv_b_proj"
+        # The stored halves as llama.cpp writes them: k_b [H, kv_lora, nope] (W_UK per head,
+        # transposed) and v_b [H, v, kv_lora]; without them, both are cut from kv_b_proj.
+        uk = cls(f"{halves}.k_b", self.gguf_loader, self.config, None, device=self.generate_device,
+                 heads=heads, out_features=rank, in_features=nope,
+                 fallback=lambda dtype: self._kv_b_halves(dtype)[0].transpose(1, 2))
+        uv = cls(f"{halves}.v_b", self.gguf_loader, self.config, None, device=self.generate_device,
+                 heads=heads, out_features=v_dim, in_features=rank,
+                 fallback=lambda dtype: self._kv_b_halves(dtype)[1])
+        return uk, uv
 
     @classmethod
     def accepts(cls, module: nn.Module) -> str | None:
@@ -84,10 +129,34 @@ class KDeepseekV2Attention(BaseInjectedModule):
     # -- weights ------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read ``kv_b_proj.weight`` and split it into W_UK and W_UV (views, no copy)."""
+        """Load the absorbed products' weights: the per-head backends, and/or kv_b_proj's halves.
+
+        The float halves (views of one ``kv_b_proj.weight``, no copy) serve the torch
+        matmul path and the expanded form; with a per-head backend and `absorb_for_prefill`
+        neither runs, so they are not read at all.
+        """
         if self.gguf_loader is None:
             raise RuntimeError(f"KDeepseekV2Attention at {self.key} was created without a weight source")
-        dtype = self._absorbed_dtype()
+        if self.absorb_uk is None or not self.absorb_for_prefill:
+            weight = self._read_kv_b(self._absorbed_dtype())
+            self.w_uk, self.w_uv = split_kv_b(weight, self.num_heads, self.qk_nope_head_dim, self.v_head_dim)
+            self._give_to_kept_kv_b(weight)
+        if self.absorb_uk is not None and self.absorb_uv is not None:
+            self.absorb_uk.load()
+            self.absorb_uv.load()
+
+    def check_weights(self) -> list[str]:
+        if self.absorb_uk is None or self.absorb_uv is None:
+            return []
+        return self.absorb_uk.check_weights() + self.absorb_uv.check_weights()
+
+    def _kv_b_halves(self, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj.weight`` read and split into W_UK [H, nope, kv_lora] and W_UV [H, v, kv_lora] (views)."""
+        weight = self._read_kv_b(dtype)
+        return split_kv_b(weight, self.num_heads, self.qk_nope_head_dim, self.v_head_dim)
+
+    def _read_kv_b(self, dtype: torch.dtype | None) -> torch.Tensor:
+        assert self.gguf_loader is not None
         name = f"{self.key}.kv_b_proj.weight"
         weight = self.gguf_loader.load(name, dtype=dtype, device=self.device)
         expected = (self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), self.kv_lora_rank)
@@ -95,8 +164,7 @@ class KDeepseekV2Attention(BaseInjectedModule):
             raise ValueError(
                 f"{self.gguf_loader.description}: {name} has shape {tuple(weight.shape)}, expected {expected}"
             )
-        self.w_uk, self.w_uv = split_kv_b(weight, self.num_heads, self.qk_nope_head_dim, self.v_head_dim)
-        self._give_to_kept_kv_b(weight)
+        return weight
 
     def consumed_children(self) -> tuple[str, ...]:
         """``kv_b_proj`` is read by `load` and absorbed, never called: the runtime must not load it."""
@@ -129,6 +197,9 @@ class KDeepseekV2Attention(BaseInjectedModule):
 
     def unload(self) -> None:
         self.w_uk = self.w_uv = None
+        for backend in (self.absorb_uk, self.absorb_uv):
+            if backend is not None:
+                backend.unload()
 
     # -- forward ------------------------------------------------------------------------
 
@@ -171,8 +242,6 @@ class KDeepseekV2Attention(BaseInjectedModule):
         cache: Any,
         position_ids: torch.Tensor | None,
     ) -> torch.Tensor:
-        if self.w_uk is None or self.w_uv is None:
-            raise RuntimeError(f"KDeepseekV2Attention at {self.key} used before load()")
         out_device = hidden_states.device
         x = hidden_states.to(self.device)
         batch, seq_len, _ = x.shape
@@ -197,21 +266,42 @@ class KDeepseekV2Attention(BaseInjectedModule):
             k_positions = q_positions
         visible = key_visibility(q_positions, k_positions, attention_mask)
 
-        dtype = self.w_uk.dtype
-        attend = absorbed_attention if self._use_absorbed(seq_len) else expanded_attention
+        absorbed = self._use_absorbed(seq_len)
+        to_latent, from_latent = self._projections(absorbed)
+        dtype = self._absorbed_dtype() if self.w_uk is None else self.w_uk.dtype
+        attend = absorbed_attention if absorbed else expanded_attention
         context = attend(
             q_nope.to(dtype),
             q_pe.to(dtype),
             c_kv.to(device=x.device, dtype=dtype),
             k_pe.to(device=x.device, dtype=dtype),
-            self.w_uk,
-            self.w_uv,
+            to_latent,
+            from_latent,
             self.softmax_scale,
             visible,
         )
         context = context.to(x.dtype).transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.v_head_dim)
         return self.o_proj(context).to(out_device)
 
+    def _projections(self, absorbed: bool) -> tuple[Any, Any]:
+        """What the chosen form multiplies with: per-head backends or the float halves."""
+        if absorbed and self.absorb_uk is not None and self.absorb_uv is not None:
+            uk, uv = self.absorb_uk, self.absorb_uv
+            if not (uk.loaded and uv.loaded):
+                raise RuntimeError(f"KDeepseekV2Attention at {self.key} used before load()")
+            return _heads_second(uk), _heads_second(uv)
+        if self.w_uk is None or self.w_uv is None:
+            raise RuntimeError(f"KDeepseekV2Attention at {self.key} used before load()")
+        if absorbed:
+            return matmul_projection(self.w_uk), matmul_projection(self.w_uv.transpose(-1, -2))
+        return self.w_uk, self.w_uv
+
     def extra_repr(self) -> str:
         mode = "absorbed" if self.absorb_for_prefill else f"absorbed below {self.prefill_threshold} tokens"
-        return f"{super().extra_repr()}, {mode}"
+        products = f", absorb_op={self.absorb_op}" if self.absorb_op is not None else ""
+        return f"{super().extra_repr()}, {mode}{products}"
+
+
+def _heads_second(backend: HeadwiseLinearBackend) -> HeadProjection:
+    """A per-head backend (input [..., H, d]) as a projection on attention's [b, H, s, d]."""
+    return lambda x: backend(x.transpose(1, 2)).transpose(1, 2)

@@ -18,7 +18,7 @@ transformers' eager attention.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -55,6 +55,15 @@ def split_kv_b(
     return per_head[:, :qk_nope_head_dim], per_head[:, qk_nope_head_dim:]
 
 
+HeadProjection = Callable[[torch.Tensor], torch.Tensor]
+"""A per-head linear map on [b, H, s, d_in] → [b, H, s, d_out] (each head its own matrix)."""
+
+
+def matmul_projection(weight: torch.Tensor) -> HeadProjection:
+    """The per-head product with `weight` [H, d_in, d_out] by torch's batched matmul."""
+    return lambda x: torch.matmul(x, weight)
+
+
 def _probabilities(scores: torch.Tensor, scale: float, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     logits = (scores * scale).float().masked_fill(~visible, torch.finfo(torch.float32).min)
     return logits.softmax(dim=-1).to(dtype)
@@ -65,8 +74,8 @@ def absorbed_attention(
     q_pe: torch.Tensor,
     c_kv: torch.Tensor,
     k_pe: torch.Tensor,
-    w_uk: torch.Tensor,
-    w_uv: torch.Tensor,
+    to_latent: HeadProjection,
+    from_latent: HeadProjection,
     scale: float,
     visible: torch.Tensor,
 ) -> torch.Tensor:
@@ -74,17 +83,20 @@ def absorbed_attention(
 
     Shapes: `q_nope` [b, H, s, nope], `q_pe` [b, H, s, rope], `c_kv` [b, 1, T, kv_lora],
     `k_pe` [b, 1, T, rope], `visible` bool [b, 1, s, T] (True where a query sees a key).
+    `to_latent` is the product with W_UK (nope → kv_lora per head), `from_latent` the one
+    with W_UV transposed (kv_lora → v); `matmul_projection` makes them from float weights,
+    a per-head backend computes them on stored blocks.
     """
     b, heads, s, _ = q_nope.shape
     keys = c_kv.shape[-2]
-    q_latent = torch.matmul(q_nope, w_uk)  # [b, H, s, kv_lora]
+    q_latent = to_latent(q_nope).to(c_kv.dtype)  # [b, H, s, kv_lora]
     # Every head attends to the same single latent "head", so heads fold into query rows and
     # each product is one [H*s, d] x [d, T] matrix per batch: a broadcast 4-D matmul against
     # the transposed cache takes a slow generic path in bfloat16 on the CPU (~20x slower).
     scores = torch.bmm(_rows(q_latent), c_kv[:, 0].transpose(1, 2)) + torch.bmm(_rows(q_pe), k_pe[:, 0].transpose(1, 2))
     probs = _probabilities(scores.view(b, heads, s, keys), scale, visible, c_kv.dtype)
     context_latent = torch.bmm(_rows(probs), c_kv[:, 0]).view(b, heads, s, -1)  # [b, H, s, kv_lora]
-    return torch.matmul(context_latent, w_uv.transpose(-1, -2))
+    return from_latent(context_latent)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

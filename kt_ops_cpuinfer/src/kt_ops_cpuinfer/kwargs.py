@@ -10,7 +10,7 @@ from kt_core.operator_kwargs import BackendKwargs
 
 
 class CPUInferKwargs(BackendKwargs):
-    """Kwargs of `KExpertsCPU` and `KLinearCPUInfer`."""
+    """Kwargs of `KExpertsCPU`, `KLinearCPUInfer` and `KHeadwiseLinearCPUInfer`."""
 
     threads: PositiveInt | None = Field(
         None,

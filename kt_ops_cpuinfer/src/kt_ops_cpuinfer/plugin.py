@@ -34,3 +34,11 @@ def register_operators(register: Callable[..., None]) -> None:
         devices=("cpu",),
         aliases=(f"{_KT}.linear.KLinearCPUInfer",),
     )
+    register(
+        name="KHeadwiseLinearCPUInfer",
+        target="kt_ops_cpuinfer.headwise:KHeadwiseLinearCPUInfer",
+        kind=OperatorKind.HEADWISE_BACKEND,
+        summary="per-head products (MLA's absorbed W_UK/W_UV) by the native CPU engine on the GGUF blocks",
+        kwargs_model=CPUInferKwargs,
+        devices=("cpu",),
+    )

@@ -68,10 +68,14 @@ def _tensor_label(source: WeightSource, name: str) -> str:
     return f"{name} (GGUF tensor {', '.join(parts)})" if parts and parts != [name] else name
 
 
-def storage_problem(source: WeightSource, name: str, operator: str) -> str | None:
+_DEQUANTIZING_BACKEND = "a backend that dequantizes at load (KExpertsTorch, KLinearTorch) for this tensor"
+
+
+def storage_problem(source: WeightSource, name: str, operator: str, alternative: str = _DEQUANTIZING_BACKEND) -> str | None:
     """Why `operator` cannot compute on tensor `name` as stored, or None if it can.
 
     Found from `source.info` alone (no data is read), so a plan fails before loading.
+    `alternative` completes the advice "use a GGUF file quantized to one of those types, or …".
     """
     info = source.info(name)
     bad = [t for t in ggml_storage(info.storage) if is_ggml_name(t) and t not in COMPUTABLE_TYPES]
@@ -80,7 +84,7 @@ def storage_problem(source: WeightSource, name: str, operator: str) -> str | Non
     return (
         f"{_tensor_label(source, name)} in {source.description} is stored as {bad[0]}, which {operator} cannot "
         f"compute on; the CPU engine computes on {', '.join(COMPUTABLE_TYPES)}. Use a GGUF file quantized to one "
-        f"of those types, or a backend that dequantizes at load (KExpertsTorch, KLinearTorch) for this tensor"
+        f"of those types, or {alternative}"
     )
 
 

@@ -80,7 +80,13 @@ def _operator_cell(d: Decision, registry: Registry | None = None) -> str:
     if d.origin == "inherited":
         return "default (inherited)"
     generate_device = d.kwargs.get("generate_device") or d.device
-    devices = {"generate_op": generate_device, "prefill_op": d.kwargs.get("prefill_device") or generate_device}
+    # The kwargs that name a registered backend: a wrapper's two, and an operator's own
+    # (MLA attention's absorb_op, on its generate device).
+    devices = {
+        "generate_op": generate_device,
+        "prefill_op": d.kwargs.get("prefill_device") or generate_device,
+        "absorb_op": generate_device,
+    }
     ops = [f"{k}={_backend_cell(d.kwargs[k], devices[k], registry)}" for k in devices if d.kwargs.get(k)]
     return f"{d.operator} [{', '.join(ops)}]" if ops else d.operator
 

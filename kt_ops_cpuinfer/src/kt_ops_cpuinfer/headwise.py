@@ -1,0 +1,107 @@
+"""`KHeadwiseLinearCPUInfer`: per-head products on the native CPU engine, on the stored blocks.
+
+For MLA's absorbed attention on the CPU: each head's query into latent space and each
+head's latent context back out. A current DeepSeek GGUF stores both halves per head
+(``attn_k_b``, ``attn_v_b``), so the engine reads them as stored — quantized, memory-mapped
+— in one call over all heads, instead of torch's batched matmuls on float32 copies four
+to eight times their size. A source without those tensors (a fused ``kv_b_proj``, a
+safetensors checkpoint) gets a float32 copy built by the operator's fallback, counted in
+``repacked_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from kt_core.backends import BackendMemory, HeadwiseLinearBackend
+from kt_core.weights.source import StateDictSource, WeightSource
+from kt_ops_cpuinfer import _engine
+from kt_ops_cpuinfer.isa import current_isa
+from kt_ops_cpuinfer.pool import get_pool, require_cpu
+from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, storage_problem
+
+
+class KHeadwiseLinearCPUInfer(HeadwiseLinearBackend):
+    """``y[..., h, :] = W[h] @ x[..., h, :]`` by the C++ engine (devices: cpu); `threads` sizes
+    the shared pool, `backend` is accepted like the engine's other operators and has no effect."""
+
+    def __init__(
+        self,
+        key: str,
+        gguf_loader: WeightSource | None,
+        config: PretrainedConfig,
+        orig_module: nn.Module | None,
+        device: str = "cpu",
+        threads: int | None = None,
+        backend: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(key, gguf_loader, config, orig_module, device, **kwargs)
+        require_cpu("KHeadwiseLinearCPUInfer", key, self.device)
+        self.threads = threads
+        self.compat_backend = backend
+        self.isa: str | None = None
+        self._op: Any = None
+        self._weight: EngineMatrix | None = None
+
+    def check_weights(self) -> list[str]:
+        if not self.stored():
+            return []  # the fallback's float32 copy is always computable
+        problem = storage_problem(
+            self._source(), self.key, "KHeadwiseLinearCPUInfer",
+            "no absorb_op in the attention's rule (torch's matmuls on dequantized halves)",
+        )
+        return [problem] if problem else []
+
+    def load(self) -> None:
+        if self.stored():
+            weight = read_matrix(self._source(), self.key, self.shape, "KHeadwiseLinearCPUInfer")
+        else:
+            # The fallback's float32 weight is a copy made at load: the engine reads it in place,
+            # and it is counted as repacked memory, not as the file's.
+            copy = StateDictSource({self.key: self.load_weight(torch.float32).contiguous()})
+            weight = read_matrix(copy, self.key, self.shape, "KHeadwiseLinearCPUInfer")
+            weight = replace(weight, in_place=False, repacked_bytes=weight.experts * weight.rows * weight.row_stride)
+        self.isa = current_isa()
+        self._op = _engine.Linear(get_pool(self.threads), self.isa, weight.spec(), groups=self.heads)
+        self._weight = weight
+        self.loaded = True
+
+    def unload(self) -> None:
+        self._op = None
+        self._weight = None
+        self.loaded = False
+
+    def memory(self) -> BackendMemory:
+        if self._weight is None:
+            return BackendMemory()
+        return BackendMemory(mapped=self._weight.mapped_bytes, repacked=self._weight.repacked_bytes)
+
+    @property
+    def weight_type(self) -> str | None:
+        """GGML type the engine computes on (after `load`)."""
+        return self._weight.ggml_type if self._weight is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._op is None:
+            raise RuntimeError(f"KHeadwiseLinearCPUInfer at {self.key} used before load()")
+        if tuple(x.shape[-2:]) != (self.heads, self.in_features):
+            raise ValueError(
+                f"KHeadwiseLinearCPUInfer at {self.key}: input ends in {tuple(x.shape[-2:])}, "
+                f"expected ({self.heads}, {self.in_features})"
+            )
+        rows = x.detach().reshape(-1, self.heads * self.in_features).to(device="cpu", dtype=torch.float32).contiguous()
+        out = torch.empty(rows.shape[0], self.heads * self.out_features, dtype=torch.float32)
+        self._op.forward(rows.data_ptr(), rows.shape[0], out.data_ptr(), 0)
+        return out.view(*x.shape[:-2], self.heads, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.heads} x {self.in_features}->{self.out_features}, isa={self.isa or 'not loaded'}, "
+            f"weight={self.weight_type}"
+        )

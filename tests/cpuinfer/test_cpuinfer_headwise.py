@@ -1,0 +1,134 @@
+"""`KHeadwiseLinearCPUInfer` and the engine's grouped `Linear` it runs on (MLA's per-head products)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cpuinfer_refs import ISAS, BlockSource, block_size, dequantize, make_blocks, matmul_bound, type_size
+from transformers import PretrainedConfig
+
+from kt_core.backends import BackendMemory
+from kt_core.weights.source import StateDictSource
+from kt_ops_cpuinfer import _engine, use_isa
+from kt_ops_cpuinfer.headwise import KHeadwiseLinearCPUInfer
+from kt_ops_cpuinfer.pool import get_pool
+
+KEY = "model.layers.0.self_attn.kv_b_proj.k_b"
+
+
+def _row_bytes(ggml_type: str, cols: int) -> int:
+    return cols // block_size(ggml_type) * type_size(ggml_type)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_K", "BF16", "F32"])
+def test_grouped_linear_equals_one_linear_per_group(isa, ggml_type):
+    """Group g of one grouped call is exactly a plain call on matrix g with input slice g.
+
+    Both run the same kernels on the same quantized activation rows, so the results must
+    be identical bit for bit: any difference is an indexing error in the grouping (a
+    wrong input slice, output column or weight group), never rounding.
+    """
+    heads, rows, cols, tokens = 5, 40, 256, 3
+    gen = torch.Generator().manual_seed(1)
+    blocks = np.ascontiguousarray(make_blocks(torch.randn(heads * rows, cols, generator=gen), ggml_type))
+    flat = blocks.reshape(-1)
+    row_bytes = _row_bytes(ggml_type, cols)
+    group_bytes = rows * row_bytes
+    pool = get_pool(2)
+    grouped = _engine.Linear(pool, isa, (flat.ctypes.data, ggml_type, rows, cols, row_bytes, group_bytes), groups=heads)
+    assert grouped.groups == heads
+    x = torch.randn(tokens, heads, cols, generator=gen)
+    out = torch.empty(tokens, heads * rows)
+    grouped.forward(x.reshape(tokens, -1).contiguous().data_ptr(), tokens, out.data_ptr(), 0)
+    for g in range(heads):
+        single = _engine.Linear(pool, isa, (flat.ctypes.data + g * group_bytes, ggml_type, rows, cols, row_bytes, 0))
+        xg = x[:, g].contiguous()
+        og = torch.empty(tokens, rows)
+        single.forward(xg.data_ptr(), tokens, og.data_ptr(), 0)
+        assert torch.equal(out[:, g * rows:(g + 1) * rows], og), f"group {g}"
+
+
+def test_grouped_linear_refuses_a_bias():
+    weight = torch.randn(2 * 8, 32)
+    op = _engine.Linear(get_pool(2), "avx2", (weight.data_ptr(), "F32", 8, 32, 32 * 4, 8 * 32 * 4), groups=2)
+    x, out, bias = torch.randn(1, 64), torch.empty(1, 16), torch.zeros(8)
+    with pytest.raises(ValueError, match="bias needs a single group"):
+        op.forward(x.data_ptr(), 1, out.data_ptr(), bias.data_ptr())
+
+
+def _backend(source, heads: int, out_f: int, in_f: int, isa: str | None = None, **kwargs) -> KHeadwiseLinearCPUInfer:
+    backend = KHeadwiseLinearCPUInfer(
+        KEY, source, PretrainedConfig(), None, "cpu", threads=2, heads=heads, out_features=out_f, in_features=in_f, **kwargs
+    )
+    if isa is None:
+        backend.load()
+    else:
+        with use_isa(isa):
+            backend.load()
+    return backend
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_K"])
+def test_stored_halves_are_used_in_place_and_match_the_per_head_reference(isa, ggml_type):
+    heads, out_f, in_f = 4, 48, 256
+    gen = torch.Generator().manual_seed(2)
+    blocks = make_blocks(torch.randn(heads * out_f, in_f, generator=gen), ggml_type)
+    source = BlockSource({KEY: (ggml_type, (heads, out_f, in_f), blocks)})
+    backend = _backend(source, heads, out_f, in_f, isa)
+    assert backend.weight_type == ggml_type
+    assert backend.memory() == BackendMemory(mapped=blocks.nbytes)  # the stored blocks, no copy
+    x = torch.randn(2, 3, heads, in_f, generator=gen)
+    y = backend(x)
+    assert y.shape == (2, 3, heads, out_f) and y.dtype == torch.float32
+    w = dequantize(blocks, ggml_type).reshape(heads, out_f, in_f)
+    fmt = _engine.activation_format(isa, ggml_type)
+    for h in range(heads):
+        rows = x[:, :, h].reshape(-1, in_f).double().numpy()
+        ref = rows @ w[h].T
+        # Per head, the bound of the plain linear tests: the activations' quantization error
+        # (1/254 of a block's largest for the int8 formats) through |W|, plus float rounding.
+        bound = matmul_bound(rows, w[h], fmt) + 1e-6
+        assert np.all(np.abs(y[:, :, h].reshape(-1, out_f).double().numpy() - ref) <= bound), f"head {h}"
+
+
+def test_a_source_without_the_halves_uses_the_fallback_as_a_counted_copy():
+    """A fused kv_b_proj (or a safetensors checkpoint) has no stored halves: the operator's
+    fallback builds them, the engine computes on that float32 copy (F32 activations, so the
+    result is float32-exact up to summation order), and it is reported as repacked memory."""
+    heads, out_f, in_f = 3, 16, 64
+    weight = torch.randn(heads, out_f, in_f)
+    asked = []
+
+    def fallback(dtype):
+        asked.append(dtype)
+        return weight.to(torch.bfloat16)
+
+    backend = _backend(StateDictSource({}), heads, out_f, in_f, fallback=fallback)
+    assert asked == [torch.float32] and backend.weight_type == "F32"
+    assert backend.memory() == BackendMemory(repacked=heads * out_f * in_f * 4)
+    x = torch.randn(5, heads, in_f)
+    expected = torch.einsum("thi,hoi->tho", x, weight.to(torch.bfloat16).float())
+    torch.testing.assert_close(backend(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shape_and_type_problems_are_reported():
+    heads, out_f, in_f = 2, 8, 256
+    source = BlockSource({KEY: ("Q8_0", (heads, out_f, in_f), make_blocks(torch.randn(heads * out_f, in_f), "Q8_0"))})
+    with pytest.raises(ValueError, match=r"has shape \(2, 8, 256\), expected \(2, 16, 256\)"):
+        _backend(source, heads, 16, in_f)
+    backend = _backend(source, heads, out_f, in_f)
+    with pytest.raises(ValueError, match=r"input ends in \(2, 128\), expected \(2, 256\)"):
+        backend(torch.randn(1, heads, 128))
+    missing = KHeadwiseLinearCPUInfer(KEY, StateDictSource({}), PretrainedConfig(), None, "cpu",
+                                      heads=heads, out_features=out_f, in_features=in_f)
+    with pytest.raises(ValueError, match="has no tensor .*k_b and KHeadwiseLinearCPUInfer was given no fallback"):
+        missing.load()
+    iq = BlockSource({KEY: ("IQ4_NL", (heads, out_f, in_f), np.zeros((heads * out_f, in_f // 32 * 18), np.uint8))})
+    unsupported = KHeadwiseLinearCPUInfer(KEY, iq, PretrainedConfig(), None, "cpu",
+                                          heads=heads, out_features=out_f, in_features=in_f)
+    (problem,) = unsupported.check_weights()
+    assert "is stored as IQ4_NL, which KHeadwiseLinearCPUInfer cannot compute on" in problem
+    assert problem.endswith("or no absorb_op in the attention's rule (torch's matmuls on dequantized halves)")
