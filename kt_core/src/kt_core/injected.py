@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from kt_core.backends import BackendMemory
 from kt_core.weights.source import WeightSource
 
 
@@ -83,6 +84,12 @@ class BaseInjectedModule(nn.Module):
         their weights are not held twice.
         """
         return ()
+
+    def memory(self) -> BackendMemory:
+        """What this operator holds beyond torch parameters and buffers (native weights it
+        uses in place, copies, scratch), for `kt bench`; nothing by default. A wrapper's
+        backends report their own, so a wrapper does not add theirs."""
+        return BackendMemory()
 
     def replace_child(self, name: str, new: nn.Module) -> None:
         """Swap an adopted child, in this module and in the original it delegates to."""

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt
 
-from kt_core.operator_kwargs import BackendKwargs
+from kt_core.operator_kwargs import BackendKwargs, OperatorKwargs
 
 
 class CPUInferKwargs(BackendKwargs):
@@ -27,3 +27,7 @@ class CPUInferKwargs(BackendKwargs):
             "kernels chosen by CPUID (force one with KT_CPUINFER_ISA), so the value changes nothing."
         ),
     )
+
+
+class CPUInferMLPKwargs(OperatorKwargs, CPUInferKwargs):
+    """Kwargs of `KMLPCPUInfer`: where it runs (the CPU) and the engine's `threads`/`backend`."""

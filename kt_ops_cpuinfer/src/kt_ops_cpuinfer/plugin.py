@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kt_core import OperatorKind, hookimpl
-from kt_ops_cpuinfer.kwargs import CPUInferKwargs
+from kt_ops_cpuinfer.kwargs import CPUInferKwargs, CPUInferMLPKwargs
 
 _KT = "ktransformers.operators"
 
@@ -40,5 +40,13 @@ def register_operators(register: Callable[..., None]) -> None:
         kind=OperatorKind.HEADWISE_BACKEND,
         summary="per-head products (MLA's absorbed W_UK/W_UV) by the native CPU engine on the GGUF blocks",
         kwargs_model=CPUInferKwargs,
+        devices=("cpu",),
+    )
+    register(
+        name="KMLPCPUInfer",
+        target="kt_ops_cpuinfer.mlp:KMLPCPUInfer",
+        kind=OperatorKind.MODULE,
+        summary="gated MLP (shared experts, dense layers) as one engine job on the GGUF blocks; match with recursive: False",
+        kwargs_model=CPUInferMLPKwargs,
         devices=("cpu",),
     )

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from kt_core.backends import BackendMemory, _Backend
+from kt_core.injected import BaseInjectedModule
 
 MIB = 2**20
 
@@ -34,10 +35,10 @@ def _tensor_bytes(model: nn.Module) -> dict[str, int]:
 
 
 def _backend_memory(model: nn.Module) -> dict[str, BackendMemory]:
-    """Sum of `memory()` over the model's backends, by backend class (those holding anything)."""
+    """Sum of `memory()` over the model's backends and operators, by class (those holding anything)."""
     sums: dict[str, BackendMemory] = defaultdict(BackendMemory)
     for module in model.modules():
-        if isinstance(module, _Backend):
+        if isinstance(module, (_Backend, BaseInjectedModule)):
             sums[type(module).__name__] += module.memory()
     return {name: m for name, m in sorted(sums.items()) if m != BackendMemory()}
 
