@@ -13,11 +13,13 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu_features.hpp"
 #include "engine_types.hpp"
 #include "kernel_table.hpp"
+#include "latent_attention.hpp"
 #include "linear_op.hpp"
 #include "memory_probe.hpp"
 #include "moe_layer.hpp"
@@ -176,4 +178,25 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("x"), py::arg("tokens"), py::arg("out"), py::arg("bias"))
         .def_property_readonly("isa", [](const LinearOp& self) { return std::string(self.isa()); })
         .def_property_readonly("groups", &LinearOp::groups);
+
+    // forward(q_latent, q_pe, queries, heads, latent, rope, (c_kv addr, type, stride),
+    //         (k_pe addr, type, stride), keys, visible int32[queries], scale, out)
+    py::class_<LatentAttention>(m, "LatentAttention")
+        .def(py::init([](std::shared_ptr<ThreadPool> pool, const std::string& isa) {
+                 return std::make_unique<LatentAttention>(std::move(pool), kernels_for(isa));
+             }),
+             py::arg("pool"), py::arg("isa"))
+        .def("forward",
+             [](LatentAttention& self, uintptr_t q_latent, uintptr_t q_pe, int queries, int heads, int latent, int rope,
+                const std::tuple<uintptr_t, std::string, size_t>& c_kv, const std::tuple<uintptr_t, std::string, size_t>& k_pe,
+                int keys, uintptr_t visible, float scale, uintptr_t out) {
+                 const CachedRows ckv{as_ptr<const uint8_t>(std::get<0>(c_kv)), parse_wtype(std::get<1>(c_kv)), std::get<2>(c_kv)};
+                 const CachedRows kpe{as_ptr<const uint8_t>(std::get<0>(k_pe)), parse_wtype(std::get<1>(k_pe)), std::get<2>(k_pe)};
+                 py::gil_scoped_release release;
+                 self.forward(as_ptr<const float>(q_latent), as_ptr<const float>(q_pe), queries, heads, latent, rope, ckv, kpe,
+                              keys, as_ptr<const int32_t>(visible), scale, as_ptr<float>(out));
+             },
+             py::arg("q_latent"), py::arg("q_pe"), py::arg("queries"), py::arg("heads"), py::arg("latent"), py::arg("rope"),
+             py::arg("c_kv"), py::arg("k_pe"), py::arg("keys"), py::arg("visible"), py::arg("scale"), py::arg("out"))
+        .def_property_readonly("isa", [](const LatentAttention& self) { return std::string(self.isa()); });
 }

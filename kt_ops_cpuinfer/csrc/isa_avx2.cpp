@@ -19,6 +19,7 @@ namespace isa_avx2 {
 #include "simd_avx2.inc"
 #include "kernels_quant.inc"
 #include "kernels_float_avx2.inc"
+#include "kernels_attention.inc"
 #include "kernels_driver.inc"
 #undef KT_ISA_NAME
 

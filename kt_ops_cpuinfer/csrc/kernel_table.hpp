@@ -32,6 +32,14 @@ struct KernelTable {
 
     // h[i] = fn(g[i]) * u[i] for i < n.
     void (*activate)(ActFn fn, const float* g, const float* u, float* h, int n);
+
+    // Attention over cached rows of type F32, F16 or BF16 (kernels_attention.inc):
+    // out[i * out_stride + t] (+)= <q row i, key row t> for i < nq, t < nkeys, over `dim` values;
+    void (*dot_rows)(const float* q, int nq, size_t q_stride, const uint8_t* keys, WType type, size_t key_stride,
+                     int nkeys, int dim, float* out, size_t out_stride, bool accumulate);
+    // out[c] += sum_t p[t] * row_t[c] for c < ncols, t < nrows.
+    void (*weighted_rows)(const float* p, const uint8_t* rows, WType type, size_t row_stride, int nrows, int ncols,
+                          float* out);
 };
 
 // Defined in isa_avx2.cpp / isa_avx512.cpp.

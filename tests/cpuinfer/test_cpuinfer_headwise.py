@@ -132,3 +132,34 @@ def test_shape_and_type_problems_are_reported():
     (problem,) = unsupported.check_weights()
     assert "is stored as IQ4_NL, which KHeadwiseLinearCPUInfer cannot compute on" in problem
     assert problem.endswith("or no absorb_op in the attention's rule (torch's matmuls on dequantized halves)")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_latent_attention_matches_torch_on_the_stored_cache(isa, cache_dtype):
+    """scores = q_latent·c_kv + q_pe·k_pe, softmax over each query's visible prefix, · c_kv.
+
+    The reference widens the cache to float32 exactly as the kernel does in registers, and
+    both accumulate in float32, so they differ only by summation order: a few ulps of the
+    ~1-sized results (atol 2e-5 over 150 keys and 512 columns)."""
+    queries, heads, latent, rope, keys = 3, 16, 512, 64, 150
+    gen = torch.Generator().manual_seed(6)
+    q_latent = torch.randn(queries, heads, latent, generator=gen)
+    q_pe = torch.randn(queries, heads, rope, generator=gen)
+    # A slice of a longer cache (unwritten slots after `keys`), rows strided by the full width.
+    c_kv = torch.randn(keys + 10, latent + rope, generator=gen).to(cache_dtype)[:keys]
+    c_latent, k_pe = c_kv[:, :latent], c_kv[:, latent:]
+    visible = torch.tensor([keys - 2, 1, keys], dtype=torch.int32)
+    source = BlockSource({KEY: ("F32", (heads, 8, 32), np.zeros((heads * 8, 32 * 4), np.uint8))})
+    with use_isa(isa):
+        backend = _backend(source, heads, 8, 32)
+    scale = 0.07
+    out = backend.latent_attention(q_latent, q_pe, c_latent, k_pe, visible, scale)
+    scores = (q_latent @ c_latent.float().T + q_pe @ k_pe.float().T) * scale
+    mask = torch.arange(keys)[None, None, :] < visible[:, None, None]
+    expected = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ c_latent.float()
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-5)
+    # A cache the kernel cannot read row by row is left to torch.
+    assert backend.latent_attention(q_latent, q_pe, c_latent.float().T.contiguous().T, k_pe, visible, scale) is None
+    with pytest.raises(ValueError, match="visible keys out of range"):
+        backend.latent_attention(q_latent, q_pe, c_latent, k_pe, torch.tensor([1, 2, keys + 1]), scale)

@@ -37,6 +37,7 @@ from kt_models_deepseek.mla_math import mla_softmax_scale
 from kt_models_deepseek.model import KDeepseekV2Model, KDeepseekV3Model
 from kt_models_deepseek.moe import KDeepseekV2MoE, KDeepseekV3MoE
 from kt_models_deepseek.rope import YarnRotaryEmbedding
+from kt_ops_cpuinfer.headwise import KHeadwiseLinearCPUInfer
 
 LOGITS_TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -130,9 +131,10 @@ ATTENTION_PATHS = {
     "absorbed": "{absorb_for_prefill: true}",  # every call absorbed, the prompt too
     "expanded": "{prefill_threshold: 1}",  # every call expanded, decode too
     "mixed": "{prefill_threshold: 4}",  # prompt of 8 expanded, decode steps absorbed
-    # Every call absorbed, its per-head products on the CPU engine. The state dict has no
-    # stored halves, so the engine computes on the float32 halves cut from kv_b_proj, with
-    # float32 activations: the same products as torch's up to summation order.
+    # Every call absorbed, its per-head products and the attention core between them on the
+    # CPU engine. The state dict has no stored halves, so the engine computes on the float32
+    # halves cut from kv_b_proj, with float32 activations, and reads the float32 cache: the
+    # same arithmetic as torch's up to summation order.
     "engine": "{absorb_op: KHeadwiseLinearCPUInfer, absorb_for_prefill: true}",
 }
 
@@ -143,8 +145,15 @@ ATTENTION_PATHS = {
 @pytest.mark.parametrize("path", list(ATTENTION_PATHS))
 @pytest.mark.parametrize("config_name", ["v2", "v2-lite", "v2-yarn", "v3", "v3-rotate-half", "v3-yarn"])
 def test_attention_prefill_and_decode_match_transformers(config_name, path, registry, rules_from, monkeypatch):
-    calls = {"absorbed": 0, "expanded": 0}
-    for kind in calls:
+    calls = {"absorbed": 0, "expanded": 0, "engine": 0}
+    real_core = KHeadwiseLinearCPUInfer.latent_attention
+
+    def core_spy(*args, **kwargs):
+        calls["engine"] += 1
+        return real_core(*args, **kwargs)
+
+    monkeypatch.setattr(KHeadwiseLinearCPUInfer, "latent_attention", core_spy)
+    for kind in ("absorbed", "expanded"):
         real = getattr(mla_attention_module, f"{kind}_attention")
 
         def spy(*args, _real=real, _kind=kind, **kwargs):
@@ -162,7 +171,10 @@ def test_attention_prefill_and_decode_match_transformers(config_name, path, regi
         torch.testing.assert_close(injected(ids, use_cache=False).logits, expected, **LOGITS_TOL)  # cache=None
     torch.testing.assert_close(stepwise_logits(injected, ids, prompt_len=8), expected, **LOGITS_TOL)
 
-    if path in ("absorbed", "engine"):
+    if path == "engine":  # no torch attention at all: the core ran on the engine, per sequence
+        assert calls["expanded"] == calls["absorbed"] == 0
+        assert calls["engine"] == 2 * model.config.num_hidden_layers * (1 + 1 + 4)  # no-cache call, prompt, 4 steps
+    elif path == "absorbed":
         assert calls["expanded"] == 0 and calls["absorbed"] > 0
     elif path == "expanded":
         assert calls["absorbed"] == 0 and calls["expanded"] > 0
@@ -234,11 +246,17 @@ def test_an_unknown_absorb_op_names_the_module_and_the_kind(registry, rules_from
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_attention_honours_a_padding_mask(attn_implementation, registry, rules_from):
-    """transformers' 4-D masks (boolean for sdpa, additive for eager) still hide padded keys."""
+@pytest.mark.parametrize("path", ["default", "engine"])
+def test_attention_honours_a_padding_mask(attn_implementation, path, registry, rules_from, monkeypatch):
+    """transformers' 4-D masks (boolean for sdpa, additive for eager) still hide padded keys.
+
+    With the engine's attention core, whose keys must be a prefix per query, a padded batch
+    falls back to torch's absorbed form on the engine's products."""
     model = make_model("v2")
     model.config._attn_implementation = attn_implementation
-    injected, _ = injected_copy(model, rules_from(ATTENTION_RULE.format(kwargs="{}")), registry)
+    kwargs = "{}" if path == "default" else ATTENTION_PATHS["engine"]
+    monkeypatch.setattr(KHeadwiseLinearCPUInfer, "latent_attention", lambda *a, **k: pytest.fail("core used"))
+    injected, _ = injected_copy(model, rules_from(ATTENTION_RULE.format(kwargs=kwargs)), registry)
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0  # left padding in the second row

@@ -240,6 +240,26 @@ class HeadwiseLinearBackend(_Backend):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x` [..., heads, in] on this backend's device → [..., heads, out]."""
 
+    def latent_attention(
+        self,
+        q_latent: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        visible_keys: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """Optionally, the attention core of MLA's absorbed form on this backend, or None.
+
+        For one sequence: `q_latent` [s, H, L] (this backend's output) and `q_pe` [s, H, R]
+        float32, the cached `c_kv` [T, L] and `k_pe` [T, R] in the cache's dtype, query i
+        seeing keys [0, `visible_keys`[i]) (int32 [s]); returns softmax(scale · (q_latent·c_kvᵀ
+        + q_pe·k_peᵀ)) · c_kv as float32 [s, H, L]. A backend that computes its products
+        next to the cache (the CPU engine) saves the torch ops between them; the default
+        returns None and the caller uses torch.
+        """
+        return None
+
 
 def _config_experts(config: PretrainedConfig) -> int:
     for attr in ("n_routed_experts", "num_experts", "num_local_experts"):

@@ -44,7 +44,7 @@ from kt_models_deepseek.mla_math import (
     split_kv_b,
 )
 from kt_models_deepseek.mla_rotary import PositionEmbeddings, apply_mla_rotary
-from kt_models_deepseek.visibility import key_visibility, query_positions
+from kt_models_deepseek.visibility import key_visibility, query_positions, visible_prefix_lengths
 
 # The positional order of the replaced forward's arguments after hidden_states.
 _V2_ARGS = ("attention_mask", "cache", "position_embeddings")
@@ -264,9 +264,17 @@ class KDeepseekV2Attention(BaseInjectedModule):
             k_positions = torch.arange(num_keys, device=x.device).unsqueeze(0)
         else:
             k_positions = q_positions
+        absorbed = self._use_absorbed(seq_len)
+        if absorbed and self.absorb_uk is not None:
+            prefix = None
+            if cache is not None and not isinstance(attention_mask, torch.Tensor):
+                # Keys are cache slots 0..num_keys-1 and a query at p sees slots <= p.
+                prefix = torch.clamp(q_positions + 1, max=num_keys).to(torch.int32)
+            context = self._backend_context(q_nope, q_pe, c_kv, k_pe, prefix, q_positions, k_positions, attention_mask)
+            if context is not None:
+                return self.o_proj(context.to(x.dtype)).to(out_device)
         visible = key_visibility(q_positions, k_positions, attention_mask)
 
-        absorbed = self._use_absorbed(seq_len)
         to_latent, from_latent = self._projections(absorbed)
         dtype = self._absorbed_dtype() if self.w_uk is None else self.w_uk.dtype
         attend = absorbed_attention if absorbed else expanded_attention
@@ -282,6 +290,43 @@ class KDeepseekV2Attention(BaseInjectedModule):
         )
         context = context.to(x.dtype).transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.v_head_dim)
         return self.o_proj(context).to(out_device)
+
+    def _backend_context(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        prefix: torch.Tensor | None,
+        q_positions: torch.Tensor,
+        k_positions: torch.Tensor,
+        attention_mask: Any,
+    ) -> torch.Tensor | None:
+        """The absorbed form with the attention core on the per-head backend, or None.
+
+        Three backend calls per sequence — q_nope·W_UK, `latent_attention`, ·W_UVᵀ — on
+        rows in the backends' own layout ([s, H, d], no transposes). None when the backend
+        offers no attention core, or a query's visible keys are not a prefix (padding).
+        """
+        assert self.absorb_uk is not None and self.absorb_uv is not None
+        if not (self.absorb_uk.loaded and self.absorb_uv.loaded):
+            raise RuntimeError(f"KDeepseekV2Attention at {self.key} used before load()")
+        if prefix is None:
+            prefix = visible_prefix_lengths(key_visibility(q_positions, k_positions, attention_mask))
+            if prefix is None:
+                return None
+        q_latent = self.absorb_uk(q_nope.transpose(1, 2))  # [b, s, H, kv_lora]
+        q_pe_rows = q_pe.transpose(1, 2)  # [b, s, H, rope]
+        contexts = []
+        for b in range(q_latent.shape[0]):
+            latent = self.absorb_uk.latent_attention(
+                q_latent[b], q_pe_rows[b], c_kv[b, 0], k_pe[b, 0], prefix[b], self.softmax_scale
+            )
+            if latent is None:
+                return None
+            contexts.append(self.absorb_uv(latent))  # [s, H, v]
+        context = torch.stack(contexts) if len(contexts) > 1 else contexts[0].unsqueeze(0)
+        return context.reshape(context.shape[0], context.shape[1], self.num_heads * self.v_head_dim)
 
     def _projections(self, absorbed: bool) -> tuple[Any, Any]:
         """What the chosen form multiplies with: per-head backends or the float halves."""

@@ -50,3 +50,12 @@ def key_visibility(q_positions: torch.Tensor, k_positions: torch.Tensor, attenti
     mask = attention_mask[..., :num_keys].to(visible.device)
     allowed = mask if mask.dtype == torch.bool else mask == 0
     return visible & allowed
+
+
+def visible_prefix_lengths(visible: torch.Tensor) -> torch.Tensor | None:
+    """[batch, s] int32 counts when every query of boolean `visible` [batch, 1, s, T] sees a
+    prefix of the keys (keys 0..n-1, as causal attention over a cache does); None when some
+    query's visible keys have a gap (padding), which a prefix-only kernel cannot express."""
+    counts = visible.sum(dim=-1, dtype=torch.int32)[:, 0]
+    prefix = torch.arange(visible.shape[-1], device=visible.device) < counts[..., None]
+    return counts if bool(torch.equal(prefix, visible[:, 0])) else None

@@ -7,6 +7,11 @@ head's latent context back out. A current DeepSeek GGUF stores both halves per h
 to eight times their size. A source without those tensors (a fused ``kv_b_proj``, a
 safetensors checkpoint) gets a float32 copy built by the operator's fallback, counted in
 ``repacked_bytes``.
+
+Between its two products the backend also runs the attention core itself
+(`latent_attention`: scores against the cached latents, softmax, weighted sum) as one
+engine job that reads the cache in its stored dtype, so the absorbed form is three
+engine calls per layer with no torch op or float32 cache copy between them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.isa import current_isa
 from kt_ops_cpuinfer.pool import get_pool, require_cpu
 from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, storage_problem
+
+_CACHE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 class KHeadwiseLinearCPUInfer(HeadwiseLinearBackend):
@@ -47,6 +54,7 @@ class KHeadwiseLinearCPUInfer(HeadwiseLinearBackend):
         self.compat_backend = backend
         self.isa: str | None = None
         self._op: Any = None
+        self._attention: Any = None
         self._weight: EngineMatrix | None = None
 
     def check_weights(self) -> list[str]:
@@ -68,12 +76,15 @@ class KHeadwiseLinearCPUInfer(HeadwiseLinearBackend):
             weight = read_matrix(copy, self.key, self.shape, "KHeadwiseLinearCPUInfer")
             weight = replace(weight, in_place=False, repacked_bytes=weight.experts * weight.rows * weight.row_stride)
         self.isa = current_isa()
-        self._op = _engine.Linear(get_pool(self.threads), self.isa, weight.spec(), groups=self.heads)
+        pool = get_pool(self.threads)
+        self._op = _engine.Linear(pool, self.isa, weight.spec(), groups=self.heads)
+        self._attention = _engine.LatentAttention(pool, self.isa)
         self._weight = weight
         self.loaded = True
 
     def unload(self) -> None:
         self._op = None
+        self._attention = None
         self._weight = None
         self.loaded = False
 
@@ -99,6 +110,35 @@ class KHeadwiseLinearCPUInfer(HeadwiseLinearBackend):
         out = torch.empty(rows.shape[0], self.heads * self.out_features, dtype=torch.float32)
         self._op.forward(rows.data_ptr(), rows.shape[0], out.data_ptr(), 0)
         return out.view(*x.shape[:-2], self.heads, self.out_features)
+
+    def latent_attention(
+        self,
+        q_latent: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        visible_keys: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """The absorbed attention core as one engine job, reading the cache in its own dtype."""
+        if self._attention is None:
+            raise RuntimeError(f"KHeadwiseLinearCPUInfer at {self.key} used before load()")
+        cached = (c_kv, k_pe)
+        if any(t.device.type != "cpu" or t.dtype not in _CACHE_TYPES or t.dim() != 2 or t.stride(-1) != 1 for t in cached):
+            return None  # a cache the kernel cannot read in place: let torch compute it
+        queries, heads, latent = q_latent.shape
+        rope = q_pe.shape[-1]
+        keys = c_kv.shape[0]
+        q_latent = q_latent.to(torch.float32).contiguous()
+        q_pe = q_pe.to(torch.float32).contiguous()
+        visible = visible_keys.to(device="cpu", dtype=torch.int32).contiguous()
+        if visible.numel() != queries:
+            raise ValueError(f"visible_keys has {visible.numel()} counts for {queries} queries")
+        out = torch.empty(queries, heads, latent, dtype=torch.float32)
+        rows = [(t.data_ptr(), _CACHE_TYPES[t.dtype], t.stride(0) * t.element_size()) for t in cached]
+        self._attention.forward(q_latent.data_ptr(), q_pe.data_ptr(), queries, heads, latent, rope, rows[0], rows[1],
+                                keys, visible.data_ptr(), float(scale), out.data_ptr())
+        return out
 
     def extra_repr(self) -> str:
         return (

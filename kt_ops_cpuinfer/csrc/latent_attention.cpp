@@ -1,0 +1,84 @@
+// Latent attention implementation (see latent_attention.hpp).
+#include "latent_attention.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+namespace kt {
+namespace {
+
+constexpr int kKeysPerTask = 32;     // a scores task: this many cached rows against every query row
+constexpr int kColumnsPerTask = 64;  // a context task: this many latent columns ...
+constexpr int kRowsPerTask = 8;      // ... of this many query rows
+
+bool float_rows(WType t) { return t == WType::F32 || t == WType::F16 || t == WType::BF16; }
+
+}  // namespace
+
+LatentAttention::LatentAttention(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels)
+    : pool_(std::move(pool)), k_(kernels) {
+    if (!pool_) throw std::invalid_argument("LatentAttention needs a thread pool");
+}
+
+void LatentAttention::forward(const float* q_latent, const float* q_pe, int queries, int heads, int latent, int rope,
+                              const CachedRows& c_kv, const CachedRows& k_pe, int keys, const int32_t* visible,
+                              float scale, float* out) {
+    if (queries <= 0 || heads <= 0) return;
+    if (latent <= 0 || rope < 0 || keys < 0) throw std::invalid_argument("LatentAttention: negative sizes");
+    if (!float_rows(c_kv.type) || !float_rows(k_pe.type))
+        throw std::invalid_argument("LatentAttention: cached rows must be F32, F16 or BF16");
+    const int rows = queries * heads;
+    int used = 0;  // keys any query sees: later slots are never read
+    for (int s = 0; s < queries; ++s) {
+        if (visible[s] < 0 || visible[s] > keys) throw std::invalid_argument("LatentAttention: visible keys out of range");
+        used = std::max(used, static_cast<int>(visible[s]));
+    }
+    const size_t stride = static_cast<size_t>(std::max(used, 1));
+    scores_.resize(static_cast<size_t>(rows) * stride);
+    float* scores = scores_.data();
+    const KernelTable& k = k_;
+
+    std::vector<Phase> phases;
+    phases.push_back({(used + kKeysPerTask - 1) / kKeysPerTask, [=, &k](int task, int) {
+                          const int t0 = task * kKeysPerTask;
+                          const int nk = std::min(kKeysPerTask, used - t0);
+                          k.dot_rows(q_latent, rows, static_cast<size_t>(latent), c_kv.data + t0 * c_kv.stride, c_kv.type,
+                                     c_kv.stride, nk, latent, scores + t0, stride, false);
+                          if (rope > 0)
+                              k.dot_rows(q_pe, rows, static_cast<size_t>(rope), k_pe.data + t0 * k_pe.stride, k_pe.type,
+                                         k_pe.stride, nk, rope, scores + t0, stride, true);
+                      }});
+    phases.push_back({rows, [=](int row, int) {
+                          float* p = scores + static_cast<size_t>(row) * stride;
+                          const int n = visible[row / heads];
+                          float top = -INFINITY;
+                          for (int t = 0; t < n; ++t) top = std::max(top, p[t] * scale);
+                          float sum = 0.0f;
+                          for (int t = 0; t < n; ++t) {
+                              p[t] = std::exp(p[t] * scale - top);
+                              sum += p[t];
+                          }
+                          const float inv = n > 0 ? 1.0f / sum : 0.0f;
+                          for (int t = 0; t < n; ++t) p[t] *= inv;
+                      }});
+    const int col_tasks = (latent + kColumnsPerTask - 1) / kColumnsPerTask;
+    const int row_tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+    phases.push_back({col_tasks * row_tasks, [=, &k](int task, int) {
+                          const int c0 = (task % col_tasks) * kColumnsPerTask;
+                          const int nc = std::min(kColumnsPerTask, latent - c0);
+                          const int r0 = (task / col_tasks) * kRowsPerTask;
+                          const int r1 = std::min(rows, r0 + kRowsPerTask);
+                          const size_t elt = c_kv.type == WType::F32 ? 4 : 2;
+                          for (int row = r0; row < r1; ++row) {
+                              float* o = out + static_cast<size_t>(row) * latent + c0;
+                              std::memset(o, 0, static_cast<size_t>(nc) * sizeof(float));
+                              k.weighted_rows(scores + static_cast<size_t>(row) * stride, c_kv.data + c0 * elt, c_kv.type,
+                                              c_kv.stride, visible[row / heads], nc, o);
+                          }
+                      }});
+    pool_->submit(std::move(phases))->wait();
+}
+
+}  // namespace kt
