@@ -37,9 +37,9 @@ struct KernelTable {
     // out[i * out_stride + t] (+)= <q row i, key row t> for i < nq, t < nkeys, over `dim` values;
     void (*dot_rows)(const float* q, int nq, size_t q_stride, const uint8_t* keys, WType type, size_t key_stride,
                      int nkeys, int dim, float* out, size_t out_stride, bool accumulate);
-    // out[c] += sum_t p[t] * row_t[c] for c < ncols, t < nrows.
-    void (*weighted_rows)(const float* p, const uint8_t* rows, WType type, size_t row_stride, int nrows, int ncols,
-                          float* out);
+    // out[j * out_stride + c] += sum_t p[j * p_stride + t] * row_t[c] for j < nq <= 4, c < ncols, t < nrows.
+    void (*weighted_rows)(const float* p, size_t p_stride, int nq, const uint8_t* rows, WType type, size_t row_stride,
+                          int nrows, int ncols, float* out, size_t out_stride);
 };
 
 // Defined in isa_avx2.cpp / isa_avx512.cpp.

@@ -11,7 +11,7 @@ namespace {
 
 constexpr int kKeysPerTask = 32;     // a scores task: this many cached rows against every query row
 constexpr int kColumnsPerTask = 64;  // a context task: this many latent columns ...
-constexpr int kRowsPerTask = 8;      // ... of this many query rows
+constexpr int kRowsPerTask = 16;     // ... of this many query rows (summed 4 at a time)
 
 bool float_rows(WType t) { return t == WType::F32 || t == WType::F16 || t == WType::BF16; }
 
@@ -44,11 +44,21 @@ void LatentAttention::forward(const float* q_latent, const float* q_pe, int quer
     phases.push_back({(used + kKeysPerTask - 1) / kKeysPerTask, [=, &k](int task, int) {
                           const int t0 = task * kKeysPerTask;
                           const int nk = std::min(kKeysPerTask, used - t0);
-                          k.dot_rows(q_latent, rows, static_cast<size_t>(latent), c_kv.data + t0 * c_kv.stride, c_kv.type,
-                                     c_kv.stride, nk, latent, scores + t0, stride, false);
-                          if (rope > 0)
-                              k.dot_rows(q_pe, rows, static_cast<size_t>(rope), k_pe.data + t0 * k_pe.stride, k_pe.type,
-                                         k_pe.stride, nk, rope, scores + t0, stride, true);
+                          // Four query rows at a time, each block only up to the keys its rows see
+                          // (a causal prefill's early queries skip most tiles).
+                          for (int row = 0; row < rows; row += 4) {
+                              const int nq = std::min(4, rows - row);
+                              int longest = 0;
+                              for (int j = 0; j < nq; ++j) longest = std::max(longest, static_cast<int>(visible[(row + j) / heads]));
+                              const int nkb = std::min(nk, longest - t0);
+                              if (nkb <= 0) continue;
+                              float* o = scores + static_cast<size_t>(row) * stride + t0;
+                              k.dot_rows(q_latent + static_cast<size_t>(row) * latent, nq, static_cast<size_t>(latent),
+                                         c_kv.data + t0 * c_kv.stride, c_kv.type, c_kv.stride, nkb, latent, o, stride, false);
+                              if (rope > 0)
+                                  k.dot_rows(q_pe + static_cast<size_t>(row) * rope, nq, static_cast<size_t>(rope),
+                                             k_pe.data + t0 * k_pe.stride, k_pe.type, k_pe.stride, nkb, rope, o, stride, true);
+                          }
                       }});
     phases.push_back({rows, [=](int row, int) {
                           float* p = scores + static_cast<size_t>(row) * stride;
@@ -62,6 +72,7 @@ void LatentAttention::forward(const float* q_latent, const float* q_pe, int quer
                           }
                           const float inv = n > 0 ? 1.0f / sum : 0.0f;
                           for (int t = 0; t < n; ++t) p[t] *= inv;
+                          for (int t = n; t < used; ++t) p[t] = 0.0f;  // rows are summed 4 at a time over the longest
                       }});
     const int col_tasks = (latent + kColumnsPerTask - 1) / kColumnsPerTask;
     const int row_tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
@@ -71,11 +82,14 @@ void LatentAttention::forward(const float* q_latent, const float* q_pe, int quer
                           const int r0 = (task / col_tasks) * kRowsPerTask;
                           const int r1 = std::min(rows, r0 + kRowsPerTask);
                           const size_t elt = c_kv.type == WType::F32 ? 4 : 2;
-                          for (int row = r0; row < r1; ++row) {
+                          for (int row = r0; row < r1; row += 4) {
+                              const int nq = std::min(4, r1 - row);
+                              int longest = 0;
+                              for (int j = 0; j < nq; ++j) longest = std::max(longest, static_cast<int>(visible[(row + j) / heads]));
                               float* o = out + static_cast<size_t>(row) * latent + c0;
-                              std::memset(o, 0, static_cast<size_t>(nc) * sizeof(float));
-                              k.weighted_rows(scores + static_cast<size_t>(row) * stride, c_kv.data + c0 * elt, c_kv.type,
-                                              c_kv.stride, visible[row / heads], nc, o);
+                              for (int j = 0; j < nq; ++j) std::memset(o + static_cast<size_t>(j) * latent, 0, static_cast<size_t>(nc) * sizeof(float));
+                              k.weighted_rows(scores + static_cast<size_t>(row) * stride, stride, nq, c_kv.data + c0 * elt,
+                                              c_kv.type, c_kv.stride, longest, nc, o, static_cast<size_t>(latent));
                           }
                       }});
     pool_->submit(std::move(phases))->wait();

@@ -204,10 +204,14 @@ def test_attention_caches_exactly_the_transformers_latent(config_name, registry,
         torch.testing.assert_close(mine.values, ref.values, **tol)
 
 
-@pytest.mark.parametrize(("kwargs", "expected"), [("{}", torch.float32), ("{dtype: bfloat16}", torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [("{}", torch.float32), ("{dtype: bfloat16}", torch.bfloat16), ("{absorb_op: KHeadwiseLinearCPUInfer}", torch.bfloat16)],
+)
 def test_absorbed_weights_are_float32_on_the_cpu_unless_a_dtype_is_given(kwargs, expected, registry, rules_from):
     """On the CPU the absorbed halves default to float32 even in a bfloat16 model (torch's
-    one-row bfloat16 batched matmuls are ~10x slower there); the `dtype` kwarg overrides."""
+    one-row bfloat16 batched matmuls are ~10x slower there); the `dtype` kwarg overrides.
+    With a per-head backend they serve only long prefills' expanded form: the model's dtype."""
     model = make_model("v2-lite")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # what the runtime sets for --dtype bfloat16

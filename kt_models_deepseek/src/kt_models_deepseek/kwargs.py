@@ -38,7 +38,8 @@ class MLAAttentionKwargs(OperatorKwargs):
         description=(
             "Dtype of the absorbed kv_b_proj weights and their matmuls. When omitted: float32 on the "
             "CPU (torch's bfloat16 batched matmuls with one query row are ~10x slower there), "
-            "torch's default dtype on other devices."
+            "torch's default dtype on other devices, and with absorb_op (the halves then serve only "
+            "the expanded form of long prefills)."
         ),
     )
     absorb_op: str | None = Field(
@@ -46,8 +47,10 @@ class MLAAttentionKwargs(OperatorKwargs):
         description=(
             "A registered per-head backend (kind headwise-backend) for the absorbed products with "
             "W_UK and W_UV, e.g. KHeadwiseLinearCPUInfer: the CPU engine on the GGUF's stored "
-            "attn_k_b/attn_v_b blocks. When omitted, torch's batched matmuls on float copies of "
-            "kv_b_proj's halves. With absorb_for_prefill the float copies are not loaded at all."
+            "attn_k_b/attn_v_b blocks, with the attention core between them when the backend offers "
+            "one. When omitted, torch's batched matmuls on float copies of kv_b_proj's halves. With "
+            "absorb_for_prefill the float copies are not loaded at all (less memory, slower long "
+            "prompts: the expanded form's large matmuls beat the absorbed form there)."
         ),
     )
 

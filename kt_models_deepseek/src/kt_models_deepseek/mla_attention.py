@@ -182,18 +182,22 @@ class KDeepseekV2Attention(BaseInjectedModule):
             child.weight = nn.Parameter(weight, requires_grad=False)
 
     def _absorbed_dtype(self) -> torch.dtype:
-        """The `dtype` kwarg; without it float32 on the CPU and torch's default dtype elsewhere.
+        """The `dtype` kwarg; without it: float32 on the CPU, torch's default dtype elsewhere
+        or when a per-head backend (`absorb_op`) computes the absorbed form.
 
         Why float32 on the CPU: decode's absorbed products are batched matmuls with one
         query row per head ([H, 1, nope] x [H, nope, kv_lora], then [H, 1, T] x [T, kv_lora]),
         which torch runs on a generic bfloat16 path about 10x slower than its float32 one
         (1.8 ms against 0.19 ms per layer for DeepSeek-V2-Lite's W_UK product on this
-        project's 2-core machines) — more than the MoE layer's experts take. The float32
-        halves cost twice the memory of bfloat16 ones, a few MB per layer.
+        project's 2-core machines) — more than the MoE layer's experts take. With a per-head
+        backend the halves serve only the expanded form of long prefills, whose large
+        matmuls are fast in the model's dtype, at half float32's memory.
         """
         if self.dtype_name is not None:
             return getattr(torch, self.dtype_name)
-        return torch.float32 if self.device.type == "cpu" else torch.get_default_dtype()
+        if self.device.type == "cpu" and self.absorb_op is None:
+            return torch.float32
+        return torch.get_default_dtype()
 
     def unload(self) -> None:
         self.w_uk = self.w_uv = None
