@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from kt_core.errors import KtUserError
+from kt_core.quant.host_memory import populate
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer.weight_types import COMPUTABLE_TYPES, block_values, ggml_storage, is_ggml_name
 
@@ -124,6 +125,10 @@ def read_matrix(source: WeightSource, name: str, shape: tuple[int, ...], operato
             f"needs {experts * rows * row_bytes}"
         )
     address = int(np.asarray(data).ctypes.data)
+    if raw is not None:
+        # The engine reads the file's pages in place: map them at load, not one fault (or a
+        # disk read, once reclaimed) at a time in the middle of decode steps.
+        populate(address, int(data.nbytes))
     return EngineMatrix(name, ggml_type, rows, cols, row_bytes, rows * row_bytes, address, data, repacked, experts,
                         in_place=raw is not None)
 
