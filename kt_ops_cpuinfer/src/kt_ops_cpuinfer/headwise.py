@@ -16,7 +16,6 @@ engine calls per layer with no torch op or float32 cache copy between them.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,11 +23,11 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from kt_core.backends import BackendMemory, HeadwiseLinearBackend
-from kt_core.weights.source import StateDictSource, WeightSource
+from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.isa import current_isa
 from kt_ops_cpuinfer.pool import get_pool, require_cpu
-from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, storage_problem
+from kt_ops_cpuinfer.weights import EngineMatrix, float32_matrix, read_matrix, storage_problem
 
 _CACHE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -69,12 +68,8 @@ class KHeadwiseLinearCPUInfer(HeadwiseLinearBackend):
     def load(self) -> None:
         if self.stored():
             weight = read_matrix(self._source(), self.key, self.shape, "KHeadwiseLinearCPUInfer")
-        else:
-            # The fallback's float32 weight is a copy made at load: the engine reads it in place,
-            # and it is counted as repacked memory, not as the file's.
-            copy = StateDictSource({self.key: self.load_weight(torch.float32).contiguous()})
-            weight = read_matrix(copy, self.key, self.shape, "KHeadwiseLinearCPUInfer")
-            weight = replace(weight, in_place=False, repacked_bytes=weight.experts * weight.rows * weight.row_stride)
+        else:  # the fallback's weight, as a float32 copy counted as repacked memory
+            weight = float32_matrix(self.key, self.load_weight(torch.float32), self.shape, self._source().description)
         self.isa = current_isa()
         pool = get_pool(self.threads)
         self._op = _engine.Linear(pool, self.isa, weight.spec(), groups=self.heads)

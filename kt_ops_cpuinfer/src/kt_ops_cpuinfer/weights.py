@@ -106,31 +106,40 @@ def read_matrix(source: WeightSource, name: str, shape: tuple[int, ...], operato
     info = source.info(name)
     if tuple(info.shape) != tuple(shape):
         raise ValueError(f"{source.description}: {name} has shape {tuple(info.shape)}, expected {tuple(shape)}")
-    experts = shape[0] if len(shape) == 3 else 1
-    rows, cols = shape[-2], shape[-1]
-
     types = ggml_storage(info.storage)
     raw = _raw_or_none(source, name) if len(types) == 1 and types[0] in COMPUTABLE_TYPES else None
-    if raw is not None:
-        ggml_type, data, repacked = raw.ggml_type, raw.data, 0
-    else:
-        copy = source.load(name, dtype=torch.float32).contiguous()
-        ggml_type, data, repacked = "F32", copy.view(torch.uint8).reshape(-1).numpy(), copy.numel() * 4
+    if raw is None:
+        return float32_matrix(name, source.load(name, dtype=torch.float32), shape, source.description)
+    matrix = _engine_matrix(name, shape, raw.ggml_type, raw.data, source.description, in_place=True)
+    # The engine reads the file's pages in place: map them at load, not one fault (or a
+    # disk read, once reclaimed) at a time in the middle of decode steps.
+    populate(matrix.address, int(raw.data.nbytes))
+    return matrix
+
+
+def float32_matrix(name: str, tensor: torch.Tensor, shape: tuple[int, ...], description: str) -> EngineMatrix:
+    """`tensor` as a float32 matrix for the engine: a copy made at load, counted as repacked."""
+    copy = tensor.to(torch.float32).contiguous()
+    return _engine_matrix(name, shape, "F32", copy.view(torch.uint8).reshape(-1).numpy(), description, in_place=False)
+
+
+def _engine_matrix(
+    name: str, shape: tuple[int, ...], ggml_type: str, data: np.ndarray, description: str, *, in_place: bool
+) -> EngineMatrix:
+    experts = shape[0] if len(shape) == 3 else 1
+    rows, cols = shape[-2], shape[-1]
     if cols % block_values(ggml_type) != 0:
         raise ValueError(f"{name}: rows of {cols} values are not whole {ggml_type} blocks")
     row_bytes = cols // block_values(ggml_type) * _type_size(ggml_type)
     if data.nbytes != experts * rows * row_bytes:
         raise ValueError(
-            f"{source.description}: {name} holds {data.nbytes} bytes, but {ggml_type} of shape {tuple(shape)} "
+            f"{description}: {name} holds {data.nbytes} bytes, but {ggml_type} of shape {tuple(shape)} "
             f"needs {experts * rows * row_bytes}"
         )
     address = int(np.asarray(data).ctypes.data)
-    if raw is not None:
-        # The engine reads the file's pages in place: map them at load, not one fault (or a
-        # disk read, once reclaimed) at a time in the middle of decode steps.
-        populate(address, int(data.nbytes))
+    repacked = 0 if in_place else int(data.nbytes)
     return EngineMatrix(name, ggml_type, rows, cols, row_bytes, rows * row_bytes, address, data, repacked, experts,
-                        in_place=raw is not None)
+                        in_place=in_place)
 
 
 def _type_size(ggml_type: str) -> int:

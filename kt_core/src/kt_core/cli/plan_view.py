@@ -80,14 +80,16 @@ def _operator_cell(d: Decision, registry: Registry | None = None) -> str:
     if d.origin == "inherited":
         return "default (inherited)"
     generate_device = d.kwargs.get("generate_device") or d.device
-    # The kwargs that name a registered backend: a wrapper's two, and an operator's own
-    # (MLA attention's absorb_op, on its generate device).
-    devices = {
-        "generate_op": generate_device,
-        "prefill_op": d.kwargs.get("prefill_device") or generate_device,
-        "absorb_op": generate_device,
-    }
-    ops = [f"{k}={_backend_cell(d.kwargs[k], devices[k], registry)}" for k in devices if d.kwargs.get(k)]
+    # Kwargs named ``*_op`` name a registered backend: a wrapper's generate_op/prefill_op (shown
+    # first, in that order), or an operator's own (MLA attention's absorb_op); only prefill_op
+    # runs on the prefill device.
+    prefill_device = d.kwargs.get("prefill_device") or generate_device
+    names = sorted((k for k, v in d.kwargs.items() if k.endswith("_op") and v),
+                   key=lambda k: (k != "generate_op", k != "prefill_op", k))
+    ops = [
+        f"{k}={_backend_cell(d.kwargs[k], prefill_device if k == 'prefill_op' else generate_device, registry)}"
+        for k in names
+    ]
     return f"{d.operator} [{', '.join(ops)}]" if ops else d.operator
 
 
