@@ -53,6 +53,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bandwidth import measure_gemv_bandwidth, measure_read_bandwidth  # noqa: E402
 
+from kt_core.runtime.sampling import greedy_token  # noqa: E402
+
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "grouped_mm/batched_mm")
 """The transformers 5 experts implementations measured, as PREFILL[/DECODE].
 
@@ -322,13 +324,13 @@ def hf_worker(gguf: Path, experts_spec: str, prompt_len: int, gen_len: int, dtyp
         logits = forward(cache, prompt, 0)
         prefill_s = time.perf_counter() - t0
         timer.phase = "decode"
-        token = int(logits.argmax())
+        token = greedy_token(logits)
         model.set_experts_implementation(decode_impl)
         decode_impl_used = model.config._experts_implementation
         tokens = [token]
         t1 = time.perf_counter()
         for step in range(gen_len):
-            token = int(forward(cache, [token], prompt_len + step).argmax())
+            token = greedy_token(forward(cache, [token], prompt_len + step))
             tokens.append(token)
         decode_s = time.perf_counter() - t1
         timer.phase = None
@@ -450,12 +452,12 @@ def kt_breakdown_worker(gguf: Path, rules: str, dtype_name: str, prompt_len: int
     session = Session(model, config, prompt_len + gen_len + 1)
     timer.phase = "prefill"
     t0 = time.perf_counter()
-    token = int(session.prefill(prompt)[0].argmax())
+    token = greedy_token(session.prefill(prompt)[0])
     prefill_s = time.perf_counter() - t0
     timer.phase = "decode"
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(gen_len):
-        token = int(session.decode(token).argmax())
+        token = greedy_token(session.decode(token))
     decode_s = time.perf_counter() - t0
     cpu_per_wall = (time.process_time() - c0) / decode_s
     timer.phase = None

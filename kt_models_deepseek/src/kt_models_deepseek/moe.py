@@ -24,6 +24,7 @@ from transformers import PretrainedConfig
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
+from kt_core.calling_thread import on_calling_thread
 from kt_core.injected import BaseInjectedModule
 from kt_core.moe import finish_experts, load_router, start_experts
 from kt_core.weights.source import WeightSource
@@ -94,7 +95,9 @@ class _DeepseekMoE(BaseInjectedModule, abc.ABC):
     def _router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.router:
             raise RuntimeError(f"{type(self).__name__} at {self.key} used before load()")
-        return F.linear(hidden_states.to(torch.float32), self.router["weight"])
+        weight = self.router["weight"]
+        with on_calling_thread(hidden_states.shape[0] * weight.numel()):  # decode: one token's product is tiny
+            return F.linear(hidden_states.to(torch.float32), weight)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out_device = hidden_states.device

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from kt_core.calling_thread import on_calling_thread
 from kt_core.injected import BaseInjectedModule
 from kt_core.moe import finish_experts, load_router, start_experts
 from kt_core.weights.source import WeightSource
@@ -66,7 +67,8 @@ class _QwenMoeBlock(BaseInjectedModule):
         """Expert ids and float32 weights [T, k] for tokens [T, H]."""
         if self.router_weight is None:
             raise RuntimeError(f"{type(self).__name__} at {self.key} used before load()")
-        return softmax_topk_route(tokens, self.router_weight, self.top_k, self.norm_topk_prob)
+        with on_calling_thread(tokens.shape[0] * self.router_weight.numel()):  # decode: one token's product is tiny
+            return softmax_topk_route(tokens, self.router_weight, self.top_k, self.norm_topk_prob)
 
 
 class KQwen2MoeSparseMoeBlock(_QwenMoeBlock):

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from kt_core.errors import KtUserError
 from kt_core.runtime.generate import GenerationResult, Session, generate
 from kt_core.runtime.memory import memory_report
-from kt_core.runtime.sampling import SamplingConfig
+from kt_core.runtime.sampling import SamplingConfig, greedy_token
 from kt_core.runtime.session_setup import DTYPES, eos_ids, open_runtime
 
 
@@ -173,10 +173,10 @@ def run_bench(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     logits, _ = session.prefill(prompt)
     prefill_s = time.perf_counter() - t0
-    token = int(logits.argmax())
+    token = greedy_token(logits)
     t0 = time.perf_counter()
     for _ in range(args.gen_len):
-        token = int(session.decode(token).argmax())
+        token = greedy_token(session.decode(token))
     decode_s = time.perf_counter() - t0
     report = {
         "rules": args.rules, "model": args.gguf or args.model, "dtype": args.dtype,

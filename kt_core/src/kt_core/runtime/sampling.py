@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kt_core.calling_thread import on_calling_thread
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -29,6 +31,12 @@ class SamplingConfig:
             raise ValueError(f"seed must fit in 64 bits (-2**63 to 2**64-1), got {self.seed}")
 
 
+def greedy_token(logits: torch.Tensor) -> int:
+    """The id of the largest of `logits` (a vocabulary: small work for one thread, see `on_calling_thread`)."""
+    with on_calling_thread(logits.numel()):
+        return int(torch.argmax(logits))
+
+
 class Sampler:
     """Samples token ids from [vocab] logits; owns the random generator so runs are reproducible."""
 
@@ -41,7 +49,7 @@ class Sampler:
         logits = logits.float().cpu()
         cfg = self.config
         if cfg.temperature == 0:
-            return int(torch.argmax(logits))
+            return greedy_token(logits)
         logits = logits / cfg.temperature
         if cfg.top_k is not None and cfg.top_k < logits.numel():
             kth = torch.topk(logits, cfg.top_k).values[-1]
