@@ -41,6 +41,14 @@ WType parse_wtype(const std::string& name) {
     throw std::invalid_argument("the CPU engine cannot compute on GGML type '" + name + "'");
 }
 
+// A tensor dtype the engine reads and writes activations in: F32, F16 or BF16.
+WType parse_float_type(const std::string& name) {
+    const WType t = parse_wtype(name);
+    if (t != WType::F32 && t != WType::F16 && t != WType::BF16)
+        throw std::invalid_argument("expected a float type (F32, F16, BF16), got '" + name + "'");
+    return t;
+}
+
 const char* act_kind_name(ActKind k) {
     switch (k) {
         case ActKind::F32: return "F32";
@@ -130,6 +138,17 @@ PYBIND11_MODULE(_engine, m) {
         py::gil_scoped_release release;
         k.activate(f, as_ptr<const float>(g), as_ptr<const float>(u), as_ptr<float>(h), n);
     }, "h = act(g) * u elementwise (for tests).");
+    m.def("rms_norm", [](const std::string& isa, uintptr_t x, const std::string& x_type, int rows, int cols,
+                         uintptr_t w, const std::string& w_type, float eps, uintptr_t out, const std::string& out_type) {
+        const KernelTable& k = kernels_for(isa);
+        const WType xt = parse_float_type(x_type), wt = parse_float_type(w_type), ot = parse_float_type(out_type);
+        if (rows < 0 || cols < 1) throw std::invalid_argument("rms_norm needs rows >= 0 and cols >= 1");
+        const size_t xb = wtype_info(xt).block_bytes, ob = wtype_info(ot).block_bytes;
+        for (int r = 0; r < rows; ++r)
+            k.rms_norm_row(as_ptr<const uint8_t>(x) + static_cast<size_t>(r) * cols * xb, xt, cols,
+                           as_ptr<const uint8_t>(w), wt, eps, as_ptr<uint8_t>(out) + static_cast<size_t>(r) * cols * ob, ot);
+    }, "RMSNorm of `rows` contiguous rows of `cols` values on the calling thread (transformers' roundings).");
+
     m.def("check_activation", [](const std::string& fn) { parse_act_fn(fn); },
           "Raise ValueError if the engine has no activation of this name.");
 

@@ -16,6 +16,8 @@ namespace isa_avx2 {
 
 #define KT_ISA_NAME "avx2"
 #include "kernels_common.inc"
+#include "kernels_dtype.inc"
+#include "kernels_norm.inc"
 #include "simd_avx2.inc"
 #include "kernels_quant.inc"
 #include "kernels_float_avx2.inc"

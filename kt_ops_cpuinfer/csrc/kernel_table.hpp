@@ -40,6 +40,14 @@ struct KernelTable {
     // out[j * out_stride + c] += sum_t p[j * p_stride + t] * row_t[c] for j < nq <= 4, c < ncols, t < nrows.
     void (*weighted_rows)(const float* p, size_t p_stride, int nq, const uint8_t* rows, WType type, size_t row_stride,
                           int nrows, int ncols, float* out, size_t out_stride);
+
+    // One row of n values: RMSNorm with transformers' roundings (kernels_norm.inc); x, w and
+    // out are F32, F16 or BF16, out of the promoted type of w and x.
+    void (*rms_norm_row)(const uint8_t* x, WType xt, int n, const uint8_t* w, WType wt, float eps, uint8_t* out,
+                         WType ot);
+    // n values of a float type to float32 and back (kernels_dtype.inc).
+    void (*widen_row)(const uint8_t* src, WType t, int n, float* dst);
+    void (*narrow_row)(const float* src, int n, WType t, uint8_t* dst);
 };
 
 // Defined in isa_avx2.cpp / isa_avx512.cpp.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kt_core import OperatorKind, hookimpl
+from kt_core.operator_kwargs import OperatorKwargs
 from kt_ops_cpuinfer.kwargs import CPUInferKwargs, CPUInferMLPKwargs
 
 _KT = "ktransformers.operators"
@@ -48,5 +49,13 @@ def register_operators(register: Callable[..., None]) -> None:
         kind=OperatorKind.MODULE,
         summary="gated MLP (shared experts, dense layers) as one engine job on the GGUF blocks; match with recursive: False",
         kwargs_model=CPUInferMLPKwargs,
+        devices=("cpu",),
+    )
+    register(
+        name="KRMSNormCPUInfer",
+        target="kt_ops_cpuinfer.rms_norm:KRMSNormCPUInfer",
+        kind=OperatorKind.MODULE,
+        summary="RMSNorm (DeepSeek, Qwen, Mixtral, Llama) in one engine call with transformers' roundings",
+        kwargs_model=OperatorKwargs,
         devices=("cpu",),
     )
