@@ -39,6 +39,9 @@ Job::Job(std::vector<Phase> phases)
 void Job::wait() {
     while (!done()) {
         if (pool_ != nullptr) pool_->help(*this);
+        // Most often the job is done but for its retirement by the thread that ran its last
+        // task: sleeping here would put a futex wake-up (tens of µs on a VM) on every call.
+        for (int i = 0; i < 4096 && !done(); ++i) _mm_pause();
         if (done()) break;
         std::unique_lock<std::mutex> lock(mutex_);
         cv_.wait_for(lock, std::chrono::milliseconds(1), [this] { return done(); });
@@ -89,7 +92,7 @@ void ThreadPool::help(Job& job) {
             std::lock_guard<std::mutex> lock(mutex_);
             if (!queue_.empty()) front = queue_.front();
         }
-        if (!front) break;  // our job left the queue and is about to be marked done
+        if (!front) break;  // our job left the queue: it is done (marked before it is popped)
         if (front->phase_.load(std::memory_order_acquire) >= static_cast<int>(front->phases_.size())) {
             _mm_pause();
             continue;
@@ -148,18 +151,21 @@ void ThreadPool::advance(Job& job, int from) {
     if (from + 1 == static_cast<int>(job.phases_.size())) finish_job(job);
 }
 
+// The job is marked done first, so its caller (spinning in wait()) returns while this thread
+// makes the syscalls that wake sleeping workers. A caller that submits its next job before the
+// pop finds this one at the queue front with all phases done and pause-waits in help().
 void ThreadPool::finish_job(Job& job) {
+    {
+        std::lock_guard<std::mutex> lock(job.mutex_);
+        job.done_.store(true, std::memory_order_release);
+    }
+    job.cv_.notify_all();
     {
         std::lock_guard<std::mutex> lock(mutex_);
         queue_.pop_front();
     }
     cv_.notify_all();  // workers waiting for the next job re-check the queue front
-    {
-        std::lock_guard<std::mutex> lock(job.mutex_);
-        job.done_.store(true, std::memory_order_release);
-    }
     completed_.fetch_add(1, std::memory_order_acq_rel);
-    job.cv_.notify_all();
 }
 
 }  // namespace kt
