@@ -37,9 +37,11 @@ struct KernelTable {
     // out[i * out_stride + t] (+)= <q row i, key row t> for i < nq, t < nkeys, over `dim` values;
     void (*dot_rows)(const float* q, int nq, size_t q_stride, const uint8_t* keys, WType type, size_t key_stride,
                      int nkeys, int dim, float* out, size_t out_stride, bool accumulate);
-    // out[j * out_stride + c] += sum_t p[j * p_stride + t] * row_t[c] for j < nq <= 4, c < ncols, t < nrows.
+    // out[j * out_stride + c] += sum_t p[j * p_stride + t] * row_t[c] for j < nq, c < ncols, t < nrows.
     void (*weighted_rows)(const float* p, size_t p_stride, int nq, const uint8_t* rows, WType type, size_t row_stride,
                           int nrows, int ncols, float* out, size_t out_stride);
+    // p[t] = softmax over t < n of scale * p[t], in place.
+    void (*softmax_row)(float* p, int n, float scale);
 
     // One row of n values: RMSNorm with transformers' roundings (kernels_norm.inc); x, w and
     // out are F32, F16 or BF16, out of the promoted type of w and x.

@@ -11,7 +11,8 @@ namespace {
 
 constexpr int kKeysPerTask = 32;     // a scores task: this many cached rows against every query row
 constexpr int kColumnsPerTask = 64;  // a context task: this many latent columns ...
-constexpr int kRowsPerTask = 16;     // ... of this many query rows (summed 4 at a time)
+constexpr int kRowsPerTask = 16;     // ... of this many query rows
+constexpr int kRowBlock = 16;        // query rows handed to a kernel call together (one query's heads, in decode)
 
 bool float_rows(WType t) { return t == WType::F32 || t == WType::F16 || t == WType::BF16; }
 
@@ -44,10 +45,10 @@ void LatentAttention::forward(const float* q_latent, const float* q_pe, int quer
     phases.push_back({(used + kKeysPerTask - 1) / kKeysPerTask, [=, &k](int task, int) {
                           const int t0 = task * kKeysPerTask;
                           const int nk = std::min(kKeysPerTask, used - t0);
-                          // Four query rows at a time, each block only up to the keys its rows see
-                          // (a causal prefill's early queries skip most tiles).
-                          for (int row = 0; row < rows; row += 4) {
-                              const int nq = std::min(4, rows - row);
+                          // kRowBlock query rows at a time, each block only up to the keys its rows
+                          // see (a causal prefill's early queries skip most tiles).
+                          for (int row = 0; row < rows; row += kRowBlock) {
+                              const int nq = std::min(kRowBlock, rows - row);
                               int longest = 0;
                               for (int j = 0; j < nq; ++j) longest = std::max(longest, static_cast<int>(visible[(row + j) / heads]));
                               const int nkb = std::min(nk, longest - t0);
@@ -60,19 +61,11 @@ void LatentAttention::forward(const float* q_latent, const float* q_pe, int quer
                                              k_pe.data + t0 * k_pe.stride, k_pe.type, k_pe.stride, nkb, rope, o, stride, true);
                           }
                       }});
-    phases.push_back({rows, [=](int row, int) {
+    phases.push_back({rows, [=, &k](int row, int) {
                           float* p = scores + static_cast<size_t>(row) * stride;
                           const int n = visible[row / heads];
-                          float top = -INFINITY;
-                          for (int t = 0; t < n; ++t) top = std::max(top, p[t] * scale);
-                          float sum = 0.0f;
-                          for (int t = 0; t < n; ++t) {
-                              p[t] = std::exp(p[t] * scale - top);
-                              sum += p[t];
-                          }
-                          const float inv = n > 0 ? 1.0f / sum : 0.0f;
-                          for (int t = 0; t < n; ++t) p[t] *= inv;
-                          for (int t = n; t < used; ++t) p[t] = 0.0f;  // rows are summed 4 at a time over the longest
+                          k.softmax_row(p, n, scale);
+                          for (int t = n; t < used; ++t) p[t] = 0.0f;  // rows are summed in blocks over the longest
                       }});
     const int col_tasks = (latent + kColumnsPerTask - 1) / kColumnsPerTask;
     const int row_tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
@@ -82,8 +75,8 @@ void LatentAttention::forward(const float* q_latent, const float* q_pe, int quer
                           const int r0 = (task / col_tasks) * kRowsPerTask;
                           const int r1 = std::min(rows, r0 + kRowsPerTask);
                           const size_t elt = c_kv.type == WType::F32 ? 4 : 2;
-                          for (int row = r0; row < r1; row += 4) {
-                              const int nq = std::min(4, r1 - row);
+                          for (int row = r0; row < r1; row += kRowBlock) {
+                              const int nq = std::min(kRowBlock, r1 - row);
                               int longest = 0;
                               for (int j = 0; j < nq; ++j) longest = std::max(longest, static_cast<int>(visible[(row + j) / heads]));
                               float* o = out + static_cast<size_t>(row) * latent + c0;
