@@ -190,11 +190,14 @@ PYBIND11_MODULE(_engine, m) {
                  return std::make_unique<LinearOp>(std::move(pool), kernels_for(isa), to_view(weight), groups);
              }),
              py::arg("pool"), py::arg("isa"), py::arg("weight"), py::arg("groups") = 1)
-        .def("forward", [](LinearOp& self, uintptr_t x, int tokens, uintptr_t out, uintptr_t bias) {
+        .def("forward", [](LinearOp& self, uintptr_t x, int tokens, uintptr_t out, uintptr_t bias,
+                           const std::string& x_type, const std::string& out_type) {
+                 const WType xt = parse_float_type(x_type), ot = parse_float_type(out_type);
                  py::gil_scoped_release release;
-                 self.forward(as_ptr<const float>(x), tokens, as_ptr<float>(out), as_ptr<const float>(bias));
+                 self.forward(as_ptr<const void>(x), xt, tokens, as_ptr<void>(out), ot, as_ptr<const float>(bias));
              },
-             py::arg("x"), py::arg("tokens"), py::arg("out"), py::arg("bias"))
+             py::arg("x"), py::arg("tokens"), py::arg("out"), py::arg("bias"), py::arg("x_type") = "F32",
+             py::arg("out_type") = "F32")
         .def_property_readonly("isa", [](const LinearOp& self) { return std::string(self.isa()); })
         .def_property_readonly("groups", &LinearOp::groups);
 

@@ -25,8 +25,9 @@ public:
     LinearOp(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels, const MatrixView& weight, int groups = 1);
 
     // out[T, groups * rows] = per group g: x[T, g-th cols slice] W_g^T (+ bias[rows] when not
-    // null, only for one group); all float32, contiguous.
-    void forward(const float* x, int tokens, float* out, const float* bias);
+    // null, only for one group); contiguous. x and out are F32, F16 or BF16 (the model's
+    // dtype, read and written here instead of by two torch casts around the call), bias F32.
+    void forward(const void* x, WType x_type, int tokens, void* out, WType out_type, const float* bias);
     const char* isa() const { return k_.isa; }
     int groups() const { return groups_; }
 
@@ -38,6 +39,8 @@ private:
     ActKind act_;
     size_t act_row_;
     AlignedBuffer xq_;
+    AlignedBuffer xf_;  // input rows widened to float32 (16-bit inputs)
+    AlignedBuffer yf_;  // float32 results before they are rounded to a 16-bit output
     std::vector<const uint8_t*> rows_;
 };
 

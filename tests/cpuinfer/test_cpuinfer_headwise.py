@@ -50,6 +50,36 @@ def test_grouped_linear_equals_one_linear_per_group(isa, ggml_type):
         assert torch.equal(out[:, g * rows:(g + 1) * rows], og), f"group {g}"
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_K", "F32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_linear_reads_and_writes_16_bit_rows_as_torch_casts_would(isa, ggml_type, dtype, groups):
+    """A 16-bit input is widened exactly and the output rounded to nearest even, so the call
+    equals the float32 call between `.to(float32)` and `.to(dtype)`, bit for bit (the bias,
+    float32, is added before the rounding)."""
+    rows, cols, tokens = 37, 256, 3  # 37 rows: the 8-lane rounding loop's tail runs too
+    gen = torch.Generator().manual_seed(2)
+    blocks = np.ascontiguousarray(make_blocks(torch.randn(groups * rows, cols, generator=gen), ggml_type))
+    row_bytes = _row_bytes(ggml_type, cols)
+    op = _engine.Linear(get_pool(2), isa, (blocks.reshape(-1).ctypes.data, ggml_type, rows, cols, row_bytes, rows * row_bytes),
+                        groups=groups)
+    x = torch.randn(tokens, groups * cols, generator=gen).to(dtype)
+    bias = torch.randn(rows, generator=gen) if groups == 1 else None
+    bias_ptr = bias.data_ptr() if bias is not None else 0
+    name = {torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+    out = torch.empty(tokens, groups * rows, dtype=dtype)
+    op.forward(x.data_ptr(), tokens, out.data_ptr(), bias_ptr, name, name)
+    wide, x32 = torch.empty(tokens, groups * rows), x.float()
+    op.forward(x32.data_ptr(), tokens, wide.data_ptr(), bias_ptr)
+    assert torch.equal(out, wide.to(dtype))
+    widened_only = torch.empty(tokens, groups * rows)
+    op.forward(x.data_ptr(), tokens, widened_only.data_ptr(), bias_ptr, name, "F32")
+    assert torch.equal(widened_only, wide)
+    with pytest.raises(ValueError, match="expected a float type"):
+        op.forward(x.data_ptr(), tokens, out.data_ptr(), bias_ptr, "Q8_0", name)
+
+
 def test_grouped_linear_refuses_a_bias():
     weight = torch.randn(2 * 8, 32)
     op = _engine.Linear(get_pool(2), "avx2", (weight.data_ptr(), "F32", 8, 32, 32 * 4, 8 * 32 * 4), groups=2)

@@ -25,6 +25,7 @@ from transformers import PretrainedConfig
 from kt_core.backends import BackendMemory, HeadwiseLinearBackend
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
+from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES, engine_rows
 from kt_ops_cpuinfer.isa import current_isa
 from kt_ops_cpuinfer.pool import get_pool, require_cpu
 from kt_ops_cpuinfer.weights import EngineMatrix, float32_matrix, read_matrix, storage_problem
@@ -101,9 +102,9 @@ class KHeadwiseLinearCPUInfer(HeadwiseLinearBackend):
                 f"KHeadwiseLinearCPUInfer at {self.key}: input ends in {tuple(x.shape[-2:])}, "
                 f"expected ({self.heads}, {self.in_features})"
             )
-        rows = x.detach().reshape(-1, self.heads * self.in_features).to(device="cpu", dtype=torch.float32).contiguous()
+        rows = engine_rows(x, self.heads * self.in_features)  # widened by the engine
         out = torch.empty(rows.shape[0], self.heads * self.out_features, dtype=torch.float32)
-        self._op.forward(rows.data_ptr(), rows.shape[0], out.data_ptr(), 0)
+        self._op.forward(rows.data_ptr(), rows.shape[0], out.data_ptr(), 0, ENGINE_DTYPES[rows.dtype], "F32")
         return out.view(*x.shape[:-2], self.heads, self.out_features)
 
     def latent_attention(

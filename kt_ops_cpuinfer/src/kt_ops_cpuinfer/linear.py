@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from kt_core.backends import BackendMemory, LinearBackend
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
+from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES, engine_rows
 from kt_ops_cpuinfer.isa import current_isa
 from kt_ops_cpuinfer.pool import get_pool, require_cpu
 from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, storage_problem
@@ -91,10 +92,11 @@ class KLinearCPUInfer(LinearBackend):
             raise RuntimeError(f"KLinearCPUInfer at {self.key} used before load()")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"KLinearCPUInfer at {self.key}: input has {x.shape[-1]} features, expected {self.in_features}")
-        rows = x.detach().reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32).contiguous()
-        out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+        rows = engine_rows(x, self.in_features)  # the model's dtype: the engine widens and rounds itself
+        out = torch.empty(rows.shape[0], self.out_features, dtype=rows.dtype)
         bias_ptr = self.bias.data_ptr() if self.bias is not None else 0
-        self._op.forward(rows.data_ptr(), rows.shape[0], out.data_ptr(), bias_ptr)
+        kind = ENGINE_DTYPES[rows.dtype]
+        self._op.forward(rows.data_ptr(), rows.shape[0], out.data_ptr(), bias_ptr, kind, kind)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

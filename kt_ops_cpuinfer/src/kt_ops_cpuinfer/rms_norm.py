@@ -20,6 +20,7 @@ from transformers import PretrainedConfig
 from kt_core.injected import BaseInjectedModule
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
+from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES
 from kt_ops_cpuinfer.isa import current_isa
 from kt_ops_cpuinfer.pool import require_cpu
 
@@ -29,10 +30,6 @@ _SAME_FORMULA = frozenset({
     "DeepseekV2RMSNorm", "DeepseekV3RMSNorm", "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "Qwen2RMSNorm",
     "Qwen3RMSNorm", "MixtralRMSNorm", "LlamaRMSNorm",
 })
-
-ENGINE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-"""Tensor dtypes the engine reads and writes activations in, by its names for them."""
-
 
 class KRMSNormCPUInfer(BaseInjectedModule):
     """An RMSNorm (``weight`` [hidden], ``variance_epsilon``) computed by the C++ engine (devices: cpu)."""
