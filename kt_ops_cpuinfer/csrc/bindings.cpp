@@ -172,12 +172,14 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("pool"), py::arg("isa"), py::arg("experts"), py::arg("hidden"), py::arg("intermediate"),
              py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("act"))
         .def("submit", [](MoELayer& self, uintptr_t x, uintptr_t ids, uintptr_t weights, uintptr_t out, int tokens,
-                          int top_k) {
+                          int top_k, const std::string& x_type, const std::string& out_type) {
+                 const WType xt = parse_float_type(x_type), ot = parse_float_type(out_type);
                  py::gil_scoped_release release;
-                 self.submit(as_ptr<const float>(x), as_ptr<const int64_t>(ids), as_ptr<const float>(weights),
-                             as_ptr<float>(out), tokens, top_k);
+                 self.submit(as_ptr<const void>(x), xt, as_ptr<const int64_t>(ids), as_ptr<const float>(weights),
+                             as_ptr<void>(out), ot, tokens, top_k);
              },
-             py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("out"), py::arg("tokens"), py::arg("top_k"))
+             py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("out"), py::arg("tokens"), py::arg("top_k"),
+             py::arg("x_type") = "F32", py::arg("out_type") = "F32")
         .def("sync", &MoELayer::sync, py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("done", &MoELayer::done)
         .def_property_readonly("pending", &MoELayer::pending)

@@ -127,16 +127,20 @@ void MoELayer::plan(const int64_t* ids, const float* weights, int tokens, int to
     chunks_i_ = (I_ + chunk_i_ - 1) / chunk_i_;
     chunk_h_ = rows_per_task(H_, nactive, threads);
     chunks_h_ = (H_ + chunk_h_ - 1) / chunk_h_;
-    combine_cols_ = std::min(H_, 512);
+    combine_cols_ = std::min(H_, 512);  // combine() sums in a local buffer of this size
     combine_col_chunks_ = (H_ + combine_cols_ - 1) / combine_cols_;
     scratch_.reserve(static_cast<size_t>(threads) * kTokenGroup * static_cast<size_t>(chunk_i_) * 4);
 }
 
-void MoELayer::submit(const float* x, const int64_t* ids, const float* weights, float* out, int tokens, int top_k) {
+void MoELayer::submit(const void* x, WType x_type, const int64_t* ids, const float* weights, void* out, WType out_type,
+                      int tokens, int top_k) {
     if (job_) throw std::runtime_error("submit() while the previous submit() of this layer is pending; call sync() first");
     if (tokens < 0 || top_k < 0) throw std::invalid_argument("negative token count or top-k");
     x_ = x;
     out_ = out;
+    x_type_ = x_type;
+    out_type_ = out_type;
+    if (x_type != WType::F32) xf_.reserve(static_cast<size_t>(std::max(tokens, 1)) * static_cast<size_t>(H_) * 4);
     plan(ids, weights, tokens, top_k);
     const int nactive = static_cast<int>(active_.size());
     std::vector<Phase> phases;
@@ -156,7 +160,13 @@ void MoELayer::sync() {
 }
 
 void MoELayer::quantize_inputs(int t) {
-    const float* x = x_ + static_cast<size_t>(t) * static_cast<size_t>(H_);
+    const size_t at = static_cast<size_t>(t) * static_cast<size_t>(H_);
+    const float* x = static_cast<const float*>(x_) + at;
+    if (x_type_ != WType::F32) {
+        float* wide = reinterpret_cast<float*>(xf_.data()) + at;
+        k_.widen_row(static_cast<const uint8_t*>(x_) + at * wtype_info(x_type_).block_bytes, x_type_, H_, wide);
+        x = wide;
+    }
     k_.quantize_row(act_gate_, x, H_, xg_.data() + static_cast<size_t>(t) * xg_row_);
     if (act_up_ != act_gate_) k_.quantize_row(act_up_, x, H_, xu_.data() + static_cast<size_t>(t) * xu_row_);
 }
@@ -203,7 +213,9 @@ void MoELayer::combine(int task) {
     const int t = task / combine_col_chunks_;
     const int c0 = (task % combine_col_chunks_) * combine_cols_;
     const int nc = std::min(combine_cols_, H_ - c0);
-    float* out = out_ + static_cast<size_t>(t) * static_cast<size_t>(H_) + c0;
+    const size_t at = static_cast<size_t>(t) * static_cast<size_t>(H_) + c0;
+    float local[512];  // combine_cols_ <= 512: the sums before a 16-bit output is rounded
+    float* out = out_type_ == WType::F32 ? static_cast<float*>(out_) + at : local;
     for (int c = 0; c < nc; ++c) out[c] = 0.0f;
     const float* y = reinterpret_cast<const float*>(y_.data());
     for (int k = 0; k < K_; ++k) {
@@ -213,6 +225,8 @@ void MoELayer::combine(int task) {
         const float* yp = y + static_cast<size_t>(p) * static_cast<size_t>(H_) + c0;
         for (int c = 0; c < nc; ++c) out[c] += w * yp[c];
     }
+    if (out_type_ != WType::F32)
+        k_.narrow_row(local, nc, out_type_, static_cast<uint8_t*>(out_) + at * wtype_info(out_type_).block_bytes);
 }
 
 }  // namespace kt

@@ -32,10 +32,12 @@ public:
     MoELayer(const MoELayer&) = delete;
     MoELayer& operator=(const MoELayer&) = delete;
 
-    // Start computing out[T, H] (float32) from x[T, H] (float32), ids[T, K] (int64) and
-    // weights[T, K] (float32); returns once the work is queued. ids and weights are read
-    // before returning; x and out must stay valid until sync().
-    void submit(const float* x, const int64_t* ids, const float* weights, float* out, int tokens, int top_k);
+    // Start computing out[T, H] from x[T, H], ids[T, K] (int64) and weights[T, K] (float32);
+    // returns once the work is queued. x and out are F32, F16 or BF16 (the model's dtype:
+    // widened exactly, rounded to nearest even at the end). ids and weights are read before
+    // returning; x and out must stay valid until sync().
+    void submit(const void* x, WType x_type, const int64_t* ids, const float* weights, void* out, WType out_type,
+                int tokens, int top_k);
     // Wait for the last submit; rethrows an error raised by the work.
     void sync();
     bool pending() const { return job_ != nullptr; }
@@ -60,8 +62,9 @@ private:
     size_t xg_row_, xu_row_, hq_row_;
 
     // The current call's plan.
-    const float* x_ = nullptr;
-    float* out_ = nullptr;
+    const void* x_ = nullptr;
+    void* out_ = nullptr;
+    WType x_type_ = WType::F32, out_type_ = WType::F32;
     int T_ = 0, K_ = 0, P_ = 0;
     std::vector<int> counts_, offsets_, active_, pair_token_, token_pairs_;
     std::vector<float> pair_weight_;
@@ -69,6 +72,7 @@ private:
     int chunk_i_ = 0, chunks_i_ = 0, chunk_h_ = 0, chunks_h_ = 0, combine_cols_ = 0, combine_col_chunks_ = 0;
 
     AlignedBuffer xg_, xu_, h_, hq_, y_, scratch_;
+    AlignedBuffer xf_;  // 16-bit input rows widened to float32
     std::shared_ptr<Job> job_;
 };
 

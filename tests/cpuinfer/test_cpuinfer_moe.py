@@ -174,3 +174,20 @@ def test_other_activation_follows_config():
         cpu = loaded(KExpertsCPU, source, config)(x, ids, weights)
         ref = loaded(KExpertsTorch, source, config, dtype="float32")(x, ids, weights)
         torch.testing.assert_close(cpu, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_activations_are_read_and_written_as_torch_casts_would(isa, dtype):
+    """The layer widens a 16-bit input exactly and rounds its output to nearest even, so a
+    bfloat16/float16 call equals the float32 call between `.to(float32)` and `.to(dtype)`, bit
+    for bit. H = 600 is not a multiple of the 512-column combine chunks nor of 8 lanes."""
+    E, H, inter = 4, 600, 64
+    source, _ = moe_source(("F32", "F32", "F32"), E, H, inter, seed=3)  # 600 values: whole blocks of F32 only
+    with use_isa(isa):
+        cpu = loaded(KExpertsCPU, source, moe_config(E, H, inter))
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(4)).to(dtype)
+    ids, weights = routing(5, E, 2, seed=5, masked=1)
+    out = cpu(x, ids, weights)
+    assert out.dtype == dtype
+    assert torch.equal(out, cpu(x.float(), ids, weights).to(dtype))

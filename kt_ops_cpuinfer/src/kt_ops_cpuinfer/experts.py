@@ -20,6 +20,7 @@ from kt_core.backends import BackendMemory, ExpertsBackend
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.activation import activation_name
+from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES, engine_rows
 from kt_ops_cpuinfer.isa import current_isa
 from kt_ops_cpuinfer.pool import get_pool, require_cpu
 from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, row_slice, storage_problem
@@ -127,11 +128,12 @@ class KExpertsCPU(ExpertsBackend):
                 f"{tuple(topk_weights.shape)} must both be [tokens, k] for {hidden_states.shape[0]} tokens"
             )
         tokens, top_k = topk_ids.shape
-        x = hidden_states.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        x = engine_rows(hidden_states, self.hidden_size)  # the model's dtype: the engine widens and rounds itself
         ids = topk_ids.detach().to(device="cpu", dtype=torch.int64).contiguous()
         weights = topk_weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        out = torch.empty(tokens, self.hidden_size, dtype=torch.float32)
-        self._layer.submit(x.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.data_ptr(), tokens, top_k)
+        out = torch.empty(tokens, self.hidden_size, dtype=x.dtype)
+        kind = ENGINE_DTYPES[x.dtype]
+        self._layer.submit(x.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.data_ptr(), tokens, top_k, kind, kind)
         # The engine reads x and writes out until sync(): keep them (and the rest) alive.
         self._inflight = (x, ids, weights, out, hidden_states.dtype)
 
@@ -148,7 +150,7 @@ class KExpertsCPU(ExpertsBackend):
             self._layer.sync()
         finally:
             self._inflight = None
-        return out if dtype == torch.float32 else out.to(dtype)
+        return out if out.dtype == dtype else out.to(dtype)
 
     def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         self.submit(hidden_states, topk_ids, topk_weights)

@@ -24,6 +24,7 @@ from kt_core.injected import BaseInjectedModule
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.activation import activation_name
+from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES, engine_rows
 from kt_ops_cpuinfer.isa import current_isa
 from kt_ops_cpuinfer.pool import get_pool, require_cpu
 from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, storage_problem
@@ -133,11 +134,12 @@ class KMLPCPUInfer(BaseInjectedModule):
             raise RuntimeError(f"KMLPCPUInfer at {self.key} used before load()")
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"KMLPCPUInfer at {self.key}: input has {x.shape[-1]} features, expected {self.hidden_size}")
-        rows = x.detach().reshape(-1, self.hidden_size).to(device="cpu", dtype=torch.float32).contiguous()
+        rows = engine_rows(x, self.hidden_size)  # the model's dtype: the engine widens and rounds itself
         tokens = rows.shape[0]
         ids, weights = self._routing(tokens)
-        out = torch.empty(tokens, self.hidden_size, dtype=torch.float32)
-        self._layer.submit(rows.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.data_ptr(), tokens, 1)
+        out = torch.empty(tokens, self.hidden_size, dtype=rows.dtype)
+        kind = ENGINE_DTYPES[rows.dtype]
+        self._layer.submit(rows.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.data_ptr(), tokens, 1, kind, kind)
         self._layer.sync()
         return out.view(*x.shape).to(device=x.device, dtype=x.dtype)
 
