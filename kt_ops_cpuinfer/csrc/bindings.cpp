@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "absorbed_mla.hpp"
 #include "cpu_features.hpp"
 #include "engine_types.hpp"
 #include "kernel_table.hpp"
@@ -223,4 +224,47 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("q_latent"), py::arg("q_pe"), py::arg("queries"), py::arg("heads"), py::arg("latent"), py::arg("rope"),
              py::arg("c_kv"), py::arg("k_pe"), py::arg("keys"), py::arg("visible"), py::arg("scale"), py::arg("out"))
         .def_property_readonly("isa", [](const LatentAttention& self) { return std::string(self.isa()); });
+
+    // AbsorbedMLA(pool, isa, (heads, nope, rope, latent, v_dim), q_a or None, (q_a norm weight addr, type, eps),
+    //             q, kv_a, (kv norm weight addr, type, eps), uk, uv, o, rope_form, scale): borrows the Linear
+    // ops, which stay alive as long as it does.
+    py::class_<AbsorbedMLA>(m, "AbsorbedMLA")
+        .def(py::init([](std::shared_ptr<ThreadPool> pool, const std::string& isa, const std::tuple<int, int, int, int, int>& shape,
+                         LinearOp* q_a, const std::tuple<uintptr_t, std::string, float>& q_a_norm, LinearOp& q,
+                         LinearOp& kv_a, const std::tuple<uintptr_t, std::string, float>& kv_norm, LinearOp& uk,
+                         LinearOp& uv, LinearOp& o, const std::string& rope_form, float scale) {
+                 const auto norm = [](const std::tuple<uintptr_t, std::string, float>& n) {
+                     return NormWeight{as_ptr<const uint8_t>(std::get<0>(n)),
+                                       std::get<0>(n) ? parse_float_type(std::get<1>(n)) : WType::F32, std::get<2>(n)};
+                 };
+                 RopeForm form;
+                 if (rope_form == "complex") form = RopeForm::Complex;
+                 else if (rope_form == "interleaved") form = RopeForm::Interleaved;
+                 else if (rope_form == "half") form = RopeForm::Half;
+                 else throw std::invalid_argument("rope_form must be 'complex', 'interleaved' or 'half', not '" + rope_form + "'");
+                 const MLAShape dims{std::get<0>(shape), std::get<1>(shape), std::get<2>(shape), std::get<3>(shape),
+                                     std::get<4>(shape)};
+                 return std::make_unique<AbsorbedMLA>(std::move(pool), kernels_for(isa), dims, q_a, norm(q_a_norm), &q,
+                                                      &kv_a, norm(kv_norm), &uk, &uv, &o, form, scale);
+             }),
+             py::arg("pool"), py::arg("isa"), py::arg("shape"), py::arg("q_a"), py::arg("q_a_norm"), py::arg("q"),
+             py::arg("kv_a"), py::arg("kv_norm"), py::arg("uk"), py::arg("uv"), py::arg("o"), py::arg("rope_form"),
+             py::arg("scale"), py::keep_alive<1, 5>(), py::keep_alive<1, 7>(), py::keep_alive<1, 8>(),
+             py::keep_alive<1, 10>(), py::keep_alive<1, 11>(), py::keep_alive<1, 12>())
+        // forward(x, dtype, tokens, cos, sin, table_type, (c_kv addr, type, stride), (k_pe addr, type, stride),
+        //         start, cache_rows, visible int32[tokens], out)
+        .def("forward",
+             [](AbsorbedMLA& self, uintptr_t x, const std::string& dtype, int tokens, uintptr_t cos, uintptr_t sin,
+                const std::string& table_type, const std::tuple<uintptr_t, std::string, size_t>& c_kv,
+                const std::tuple<uintptr_t, std::string, size_t>& k_pe, int start, int cache_rows, uintptr_t visible,
+                uintptr_t out) {
+                 const WType dt = parse_float_type(dtype), tt = parse_float_type(table_type);
+                 const CachedRows ckv{as_ptr<const uint8_t>(std::get<0>(c_kv)), parse_float_type(std::get<1>(c_kv)), std::get<2>(c_kv)};
+                 const CachedRows kpe{as_ptr<const uint8_t>(std::get<0>(k_pe)), parse_float_type(std::get<1>(k_pe)), std::get<2>(k_pe)};
+                 py::gil_scoped_release release;
+                 self.forward(as_ptr<const void>(x), dt, tokens, as_ptr<const uint8_t>(cos), as_ptr<const uint8_t>(sin), tt,
+                              ckv, kpe, start, cache_rows, as_ptr<const int32_t>(visible), as_ptr<void>(out));
+             },
+             py::arg("x"), py::arg("dtype"), py::arg("tokens"), py::arg("cos"), py::arg("sin"), py::arg("table_type"),
+             py::arg("c_kv"), py::arg("k_pe"), py::arg("start"), py::arg("cache_rows"), py::arg("visible"), py::arg("out"));
 }

@@ -26,6 +26,14 @@ LatentAttention::LatentAttention(std::shared_ptr<ThreadPool> pool, const KernelT
 void LatentAttention::forward(const float* q_latent, const float* q_pe, int queries, int heads, int latent, int rope,
                               const CachedRows& c_kv, const CachedRows& k_pe, int keys, const int32_t* visible,
                               float scale, float* out) {
+    std::vector<Phase> phases;
+    append_phases(phases, q_latent, q_pe, queries, heads, latent, rope, c_kv, k_pe, keys, visible, scale, out);
+    if (!phases.empty()) pool_->submit(std::move(phases))->wait();
+}
+
+void LatentAttention::append_phases(std::vector<Phase>& phases, const float* q_latent, const float* q_pe, int queries,
+                                    int heads, int latent, int rope, const CachedRows& c_kv, const CachedRows& k_pe,
+                                    int keys, const int32_t* visible, float scale, float* out) {
     if (queries <= 0 || heads <= 0) return;
     if (latent <= 0 || rope < 0 || keys < 0) throw std::invalid_argument("LatentAttention: negative sizes");
     if (!float_rows(c_kv.type) || !float_rows(k_pe.type))
@@ -41,7 +49,6 @@ void LatentAttention::forward(const float* q_latent, const float* q_pe, int quer
     float* scores = scores_.data();
     const KernelTable& k = k_;
 
-    std::vector<Phase> phases;
     phases.push_back({(used + kKeysPerTask - 1) / kKeysPerTask, [=, &k](int task, int) {
                           const int t0 = task * kKeysPerTask;
                           const int nk = std::min(kKeysPerTask, used - t0);
@@ -85,7 +92,6 @@ void LatentAttention::forward(const float* q_latent, const float* q_pe, int quer
                                               c_kv.type, c_kv.stride, longest, nc, o, static_cast<size_t>(latent));
                           }
                       }});
-    pool_->submit(std::move(phases))->wait();
 }
 
 }  // namespace kt

@@ -35,6 +35,12 @@ public:
     void forward(const float* q_latent, const float* q_pe, int queries, int heads, int latent, int rope,
                  const CachedRows& c_kv, const CachedRows& k_pe, int keys, const int32_t* visible, float scale,
                  float* out);
+    // The same computation as three phases appended to `phases` (scores, softmax, weighted
+    // sum), for a job that chains it with other ops; every pointer must stay valid, and this
+    // object in no other job, until that job is done.
+    void append_phases(std::vector<Phase>& phases, const float* q_latent, const float* q_pe, int queries, int heads,
+                       int latent, int rope, const CachedRows& c_kv, const CachedRows& k_pe, int keys,
+                       const int32_t* visible, float scale, float* out);
     const char* isa() const { return k_.isa; }
 
 private:

@@ -24,6 +24,14 @@ LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels,
 
 void LinearOp::forward(const void* x, WType x_type, int tokens, void* out, WType out_type, const float* bias) {
     if (tokens <= 0) return;
+    std::vector<Phase> phases;
+    append_phases(phases, x, x_type, tokens, out, out_type, bias);
+    pool_->submit(std::move(phases))->wait();
+}
+
+void LinearOp::append_phases(std::vector<Phase>& phases, const void* x, WType x_type, int tokens, void* out,
+                             WType out_type, const float* bias) {
+    if (tokens <= 0) return;
     if (bias != nullptr && groups_ != 1) throw std::invalid_argument("LinearOp: a bias needs a single group");
     const int groups = groups_, cols = w_.cols, nrows = w_.rows;
     const int in_rows = tokens * groups;  // token t's group g input is quantized row t * groups + g
@@ -42,7 +50,6 @@ void LinearOp::forward(const void* x, WType x_type, int tokens, void* out, WType
             rows_[static_cast<size_t>(g) * tokens + t] = xq + (static_cast<size_t>(t) * groups + g) * act_row_;
     const int chunk = rows_per_task(nrows, groups, pool_->threads());
     const int chunks_per_group = (nrows + chunk - 1) / chunk;
-    std::vector<Phase> phases;
     phases.push_back({in_rows, [=](int row, int) {
                           const size_t at = static_cast<size_t>(row) * static_cast<size_t>(cols);
                           const float* src = static_cast<const float*>(x) + at;
@@ -68,7 +75,6 @@ void LinearOp::forward(const void* x, WType x_type, int tokens, void* out, WType
                                   k_.narrow_row(y + at, nr, out_type, static_cast<uint8_t*>(out) + at * out_elt);
                               }
                       }});
-    pool_->submit(std::move(phases))->wait();
 }
 
 }  // namespace kt

@@ -28,8 +28,15 @@ public:
     // null, only for one group); contiguous. x and out are F32, F16 or BF16 (the model's
     // dtype, read and written here instead of by two torch casts around the call), bias F32.
     void forward(const void* x, WType x_type, int tokens, void* out, WType out_type, const float* bias);
+    // The same computation as two phases (quantize the inputs, then the row blocks) appended
+    // to `phases`, for a job that chains it with other ops (AbsorbedMLA). x, out and bias
+    // must stay valid, and this op in no other job, until that job is done.
+    void append_phases(std::vector<Phase>& phases, const void* x, WType x_type, int tokens, void* out, WType out_type,
+                       const float* bias);
     const char* isa() const { return k_.isa; }
     int groups() const { return groups_; }
+    int rows() const { return w_.rows; }  // outputs of one group
+    int cols() const { return w_.cols; }  // inputs of one group
 
 private:
     std::shared_ptr<ThreadPool> pool_;

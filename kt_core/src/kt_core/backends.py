@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from kt_core.absorbed_attention import AbsorbedAttentionParts, FusedAbsorbedAttention
 from kt_core.weights.source import WeightSource
 
 
@@ -258,6 +259,12 @@ class HeadwiseLinearBackend(_Backend):
         next to the cache (the CPU engine) saves the torch ops between them; the default
         returns None and the caller uses torch.
         """
+        return None
+
+    def fused_absorbed_attention(self, parts: AbsorbedAttentionParts) -> FusedAbsorbedAttention | None:
+        """Optionally, MLA's whole absorbed step (projections, norm, rotary, cache write, core,
+        o_proj) over `parts` as one call, with this backend as W_UK; None (the default) when
+        this backend cannot compute some part, and the attention then calls them one by one."""
         return None
 
 

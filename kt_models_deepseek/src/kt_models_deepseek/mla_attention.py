@@ -26,12 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.cache_utils import StaticLayer
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
+from kt_core.absorbed_attention import AbsorbedAttentionParts, FusedAbsorbedAttention, RopeForm
 from kt_core.backends import HeadwiseLinearBackend
 from kt_core.errors import KtUserError
 from kt_core.injected import BaseInjectedModule
+from kt_core.operators.dispatch import DispatchingModule
 from kt_core.registry import OperatorKind, Registry, UnknownNameError
 from kt_core.weights.source import WeightSource
 from kt_models_deepseek.kwargs import DEFAULT_MLA_PREFILL_THRESHOLD
@@ -44,11 +47,19 @@ from kt_models_deepseek.mla_math import (
     split_kv_b,
 )
 from kt_models_deepseek.mla_rotary import PositionEmbeddings, apply_mla_rotary
-from kt_models_deepseek.visibility import key_visibility, query_positions, visible_prefix_lengths
+from kt_models_deepseek.visibility import (
+    PrefixCountsMemo,
+    key_visibility,
+    query_positions,
+    visible_prefix_lengths,
+)
 
 # The positional order of the replaced forward's arguments after hidden_states.
 _V2_ARGS = ("attention_mask", "cache", "position_embeddings")
 _V3_ARGS = ("position_embeddings", "attention_mask", "cache")
+
+# One forward's prefix counts, shared by all its layers (see PrefixCountsMemo).
+_PREFIX_COUNTS = PrefixCountsMemo()
 
 
 class KDeepseekV2Attention(BaseInjectedModule):
@@ -91,6 +102,8 @@ class KDeepseekV2Attention(BaseInjectedModule):
         self.absorb_uv: HeadwiseLinearBackend | None = None
         if absorb_op is not None:
             self.absorb_uk, self.absorb_uv = self._headwise_backends(absorb_op, registry)
+        # The fused steps the per-head backend built, by the backends computing the call.
+        self._fused: dict[tuple[Any, ...], FusedAbsorbedAttention | None] = {}
 
     def _headwise_backends(
         self, absorb_op: str, registry: Registry | None
@@ -144,6 +157,7 @@ class KDeepseekV2Attention(BaseInjectedModule):
         if self.absorb_uk is not None and self.absorb_uv is not None:
             self.absorb_uk.load()
             self.absorb_uv.load()
+        self._fused.clear()
 
     def check_weights(self) -> list[str]:
         if self.absorb_uk is None or self.absorb_uv is None:
@@ -201,6 +215,7 @@ class KDeepseekV2Attention(BaseInjectedModule):
 
     def unload(self) -> None:
         self.w_uk = self.w_uv = None
+        self._fused.clear()
         for backend in (self.absorb_uk, self.absorb_uv):
             if backend is not None:
                 backend.unload()
@@ -249,6 +264,10 @@ class KDeepseekV2Attention(BaseInjectedModule):
         out_device = hidden_states.device
         x = hidden_states.to(self.device)
         batch, seq_len, _ = x.shape
+        if cache is not None and batch == 1 and self.absorb_uk is not None and self._use_absorbed(seq_len):
+            fused = self._fused_attend(x[0], position_embeddings, attention_mask, cache, position_ids)
+            if fused is not None:
+                return fused.view(batch, seq_len, -1).to(out_device)
 
         q = self._queries(x).view(batch, seq_len, self.num_heads, -1).transpose(1, 2)
         q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -294,6 +313,73 @@ class KDeepseekV2Attention(BaseInjectedModule):
         )
         context = context.to(x.dtype).transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.v_head_dim)
         return self.o_proj(context).to(out_device)
+
+    def _fused_attend(
+        self,
+        x: torch.Tensor,
+        position_embeddings: PositionEmbeddings,
+        attention_mask: Any,
+        cache: Any,
+        position_ids: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The absorbed step of one sequence's `x` [s, hidden] as one call of the per-head
+        backend's fused step, or None to run it op by op.
+
+        It writes the cache itself, so it needs a transformers `StaticLayer` that already
+        holds its buffers (the first prefill allocates them) and keeps that layer's
+        bookkeeping as `StaticLayer.update` would.
+        """
+        layer = _static_layer(cache, self.layer_idx, self.kv_lora_rank, self.qk_rope_head_dim)
+        if layer is None:
+            return None
+        rotary, rope_form = _rotary_rows(position_embeddings, self.rope_interleave)
+        if rotary is None:
+            return None
+        seq_len = x.shape[0]
+        step = self._fused_step(seq_len, rope_form)
+        if step is None:
+            return None
+        start, rows = int(layer.cumulative_length), layer.keys.shape[2]
+        if position_ids is None:
+            positions = list(range(start, start + seq_len))
+        else:
+            positions = position_ids.reshape(-1).tolist()
+            if len(positions) != seq_len:
+                return None
+        # As the op-by-op form: keys are slots 0..num_keys-1, a query at p sees slots <= p.
+        num_keys = min(max(positions) + 1, rows)
+        if isinstance(attention_mask, torch.Tensor):
+            visible = _PREFIX_COUNTS.counts(positions, num_keys, attention_mask, position_ids)
+            if visible is None:
+                return None
+        else:
+            visible = [min(p + 1, num_keys) for p in positions]
+        out = step(x, rotary, layer.keys[0, 0], layer.values[0, 0], start, visible)
+        if out is not None:
+            layer.cumulative_length.add_(seq_len)
+        return out
+
+    def _fused_step(self, seq_len: int, rope_form: RopeForm) -> FusedAbsorbedAttention | None:
+        """The per-head backend's fused step over the modules computing `seq_len`-token calls (memoized)."""
+        assert self.absorb_uk is not None and self.absorb_uv is not None
+        names = ("q_proj",) if self.q_lora_rank is None else ("q_a_proj", "q_a_layernorm", "q_b_proj")
+        modules = {name: _computing(self._modules.get(name), seq_len) for name in names}
+        for name in ("kv_a_proj_with_mqa", "kv_a_layernorm", "o_proj"):
+            modules[name] = _computing(self._modules.get(name), seq_len)
+        key = (rope_form, *(id(m) for m in modules.values()))
+        if key not in self._fused:
+            if any(m is None for m in modules.values()):
+                self._fused[key] = None
+            else:
+                self._fused[key] = self.absorb_uk.fused_absorbed_attention(AbsorbedAttentionParts(
+                    q_proj=modules.get("q_proj"), q_a_proj=modules.get("q_a_proj"),
+                    q_a_layernorm=modules.get("q_a_layernorm"), q_b_proj=modules.get("q_b_proj"),
+                    kv_a_proj=modules["kv_a_proj_with_mqa"], kv_a_layernorm=modules["kv_a_layernorm"],
+                    o_proj=modules["o_proj"], value_heads=self.absorb_uv, heads=self.num_heads,
+                    nope=self.qk_nope_head_dim, rope=self.qk_rope_head_dim, latent=self.kv_lora_rank,
+                    v_dim=self.v_head_dim, rope_form=rope_form, scale=self.softmax_scale,
+                ))
+        return self._fused[key]
 
     def _backend_context(
         self,
@@ -349,6 +435,41 @@ class KDeepseekV2Attention(BaseInjectedModule):
         mode = "absorbed" if self.absorb_for_prefill else f"absorbed below {self.prefill_threshold} tokens"
         products = f", absorb_op={self.absorb_op}" if self.absorb_op is not None else ""
         return f"{super().extra_repr()}, {mode}{products}"
+
+
+def _computing(module: nn.Module | None, num_tokens: int) -> nn.Module | None:
+    """The module that computes a `num_tokens`-token call of `module` (a wrapper's chosen backend)."""
+    if isinstance(module, DispatchingModule):
+        return module.backend_for(num_tokens)
+    return module
+
+
+def _static_layer(cache: Any, index: int, latent: int, rope: int) -> StaticLayer | None:
+    """Layer `index` of `cache` when it is an allocated one-sequence `StaticLayer` holding MLA's rows."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not 0 <= index < len(layers):
+        return None
+    layer = layers[index]
+    if type(layer) is not StaticLayer or not layer.is_initialized:
+        return None
+    keys, values = layer.keys, layer.values
+    if keys.shape[:2] != (1, 1) or values.shape[:2] != (1, 1) or keys.shape[-1] != latent or values.shape[-1] != rope:
+        return None
+    return layer
+
+
+def _rotary_rows(
+    position_embeddings: PositionEmbeddings, interleave: bool
+) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None, RopeForm]:
+    """One sequence's position embeddings and their form (see `mla_rotary`), or None when not batch 1."""
+    if isinstance(position_embeddings, torch.Tensor):
+        if not position_embeddings.is_complex() or position_embeddings.dim() != 3 or position_embeddings.shape[0] != 1:
+            return None, "complex"
+        return position_embeddings[0], "complex"
+    cos, sin = position_embeddings
+    if cos.dim() != 3 or cos.shape[0] != 1 or sin.shape != cos.shape:
+        return None, "half"
+    return (cos[0], sin[0]), "interleaved" if interleave else "half"
 
 
 def _heads_second(backend: HeadwiseLinearBackend) -> HeadProjection:

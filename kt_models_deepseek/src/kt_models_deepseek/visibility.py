@@ -11,6 +11,7 @@ attention's BlockMask) are not read.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -59,3 +60,46 @@ def visible_prefix_lengths(visible: torch.Tensor) -> torch.Tensor | None:
     counts = visible.sum(dim=-1, dtype=torch.int32)[:, 0]
     prefix = torch.arange(visible.shape[-1], device=visible.device) < counts[..., None]
     return counts if bool(torch.equal(prefix, visible[:, 0])) else None
+
+
+class PrefixCountsMemo:
+    """The visible-prefix counts of one forward call, computed once for all its layers.
+
+    Every layer of a forward gets the same mask and position tensors and (with a static
+    cache, all layers advancing together) the same key count, so the counts —
+    `key_visibility` and `visible_prefix_lengths`, half a dozen torch ops — are the same
+    for all of them. The memo holds one entry, recognized by the very tensor objects it
+    was computed from (weak references: a new forward's fresh tensors never match an old
+    entry) and the key count.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._counts: list[int] | None = None
+
+    def counts(self, positions: list[int], num_keys: int, attention_mask: Any, position_ids: Any) -> list[int] | None:
+        """The query at ``positions[i]`` (one sequence) sees keys [0, counts[i]) of `num_keys`;
+        None when some query's visible keys are not a prefix."""
+        key = (_ref(attention_mask), _ref(position_ids), num_keys, tuple(positions))
+        if self._key is not None and _same(self._key, key):
+            return self._counts
+        q_positions = torch.tensor([positions])
+        k_positions = torch.arange(num_keys).unsqueeze(0)
+        prefix = visible_prefix_lengths(key_visibility(q_positions, k_positions, attention_mask))
+        self._key, self._counts = key, (prefix[0].tolist() if prefix is not None else None)
+        return self._counts
+
+
+def _ref(value: Any) -> Any:
+    return weakref.ref(value) if isinstance(value, torch.Tensor) else value
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Entries match when their tensors are the same live objects and the rest is equal."""
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, weakref.ref) or isinstance(y, weakref.ref):
+            if not (isinstance(x, weakref.ref) and isinstance(y, weakref.ref)) or x() is None or x() is not y():
+                return False
+        elif x != y:
+            return False
+    return True

@@ -11,7 +11,9 @@ safetensors checkpoint) gets a float32 copy built by the operator's fallback, co
 Between its two products the backend also runs the attention core itself
 (`latent_attention`: scores against the cached latents, softmax, weighted sum) as one
 engine job that reads the cache in its stored dtype, so the absorbed form is three
-engine calls per layer with no torch op or float32 cache copy between them.
+engine calls per layer with no torch op or float32 cache copy between them. When the
+layer's other parts are engine ops too, `fused_absorbed_attention` runs the whole step,
+projections and cache write included, as one job (`absorbed_mla`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from kt_core.absorbed_attention import AbsorbedAttentionParts, FusedAbsorbedAttention
 from kt_core.backends import BackendMemory, HeadwiseLinearBackend
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
+from kt_ops_cpuinfer.absorbed_mla import EngineAbsorbedAttention
 from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES, engine_rows
 from kt_ops_cpuinfer.isa import current_isa
 from kt_ops_cpuinfer.pool import get_pool, require_cpu
@@ -135,6 +139,12 @@ class KHeadwiseLinearCPUInfer(HeadwiseLinearBackend):
         self._attention.forward(q_latent.data_ptr(), q_pe.data_ptr(), queries, heads, latent, rope, rows[0], rows[1],
                                 keys, visible.data_ptr(), float(scale), out.data_ptr())
         return out
+
+    def fused_absorbed_attention(self, parts: AbsorbedAttentionParts) -> FusedAbsorbedAttention | None:
+        """The whole absorbed step as one engine job when every part of it is an engine op."""
+        if self._op is None:
+            raise RuntimeError(f"KHeadwiseLinearCPUInfer at {self.key} used before load()")
+        return EngineAbsorbedAttention.create(self, parts, self.isa or current_isa(), self.threads)
 
     def extra_repr(self) -> str:
         return (
