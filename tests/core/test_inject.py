@@ -190,3 +190,19 @@ def test_load_unload_round_trip(registry, rules_from):
             op.load()
         assert norm.weight.device.type == "cpu"
         torch.testing.assert_close(injected(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+
+def test_the_meta_model_has_the_dtype_it_will_be_loaded_in():
+    """Operators read the replaced module's dtype from the meta model (a norm's weight dtype)."""
+    from tiny_models import deepseek_v2_config
+
+    from kt_core.model_config import build_meta_model
+    from kt_core.plugins import get_registry
+
+    model = build_meta_model(deepseek_v2_config(), get_registry(), torch.bfloat16)
+    assert model.model.norm.weight.is_meta and model.model.norm.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.kv_a_layernorm.weight.dtype == torch.bfloat16
+    moe = next(layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate"))
+    assert moe.gate.weight.dtype == torch.float32  # transformers keeps its router in float32
+    assert build_meta_model(deepseek_v2_config(), get_registry()).model.norm.weight.dtype == torch.float32

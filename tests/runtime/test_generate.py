@@ -304,3 +304,32 @@ def test_demo_model_is_generated_deterministically(tmp_path, monkeypatch):
         monkeypatch.setenv("KT_CACHE", str(tmp_path / cache))
         digests.append(hashlib.sha256(open(demo_model_path(), "rb").read()).hexdigest())
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("kind", ["deepseek-v2-lite", "qwen3-moe"])
+def test_a_bfloat16_load_keeps_activations_and_cache_in_bfloat16(kind, tmp_path_factory, tokenizer):
+    """Operators must take the model's dtype, not the float32 of the meta model's placeholders.
+
+    A norm holding a float32 weight in a bfloat16 model promotes every activation after it
+    (and the cache) to float32, unlike the transformers model it replaces.
+    """
+    from kt_core.rules import load_rules
+    from kt_core.rules.shipped import find_rule_file
+    from kt_core.runtime.load import load_model
+    from kt_ops_cpuinfer.rms_norm import KRMSNormCPUInfer
+
+    path, _, rules = make_model_dir(kind, tmp_path_factory, tokenizer)
+    registry = get_registry()
+    inputs = open_model(str(path), None, registry)
+    loaded = load_model(inputs.config, load_rules(find_rule_file(rules), registry), inputs.source, registry,
+                        dtype=torch.bfloat16, show_progress=False)
+    norms = [m for m in loaded.model.modules() if isinstance(m, KRMSNormCPUInfer)]
+    assert norms and all(m.weight.dtype == torch.bfloat16 for m in norms)
+    seen = []
+    hook = loaded.model.model.layers[-1].register_forward_hook(lambda m, a, out: seen.append(out))
+    session = Session(loaded.model, loaded.config, 64)
+    logits, _ = session.prefill(tokenizer.encode(PROMPT))
+    session.decode(int(logits.argmax()))
+    hook.remove()
+    assert all((out[0] if isinstance(out, tuple) else out).dtype == torch.bfloat16 for out in seen)
+    assert all(layer.keys.dtype == torch.bfloat16 for layer in session.cache.layers)

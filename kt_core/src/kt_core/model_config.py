@@ -62,8 +62,14 @@ def resolve_config(model: str, registry: Registry) -> PretrainedConfig:
     raise KtUserError(message)
 
 
-def build_meta_model(config: PretrainedConfig, registry: Registry) -> nn.Module:
-    """The transformers causal-LM for `config` on the ``meta`` device: structure, no memory."""
+def build_meta_model(config: PretrainedConfig, registry: Registry, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The transformers causal-LM for `config` on the ``meta`` device: structure, no memory.
+
+    Its placeholders have `dtype`, the dtype the model will be loaded in: operators read
+    the replaced module's dtype from them (a norm multiplies by a weight of its module's
+    dtype), and a float32 placeholder in a bfloat16 model would turn every activation
+    after it, and the cache, into float32.
+    """
     if registry.family_for_model_type(config.model_type) is None:
         known = sorted({t for f in registry.families.values() for t in f.hf_model_types})
         raise KtUserError(
@@ -72,4 +78,6 @@ def build_meta_model(config: PretrainedConfig, registry: Registry) -> nn.Module:
         )
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config)
+        # transformers keeps its float32-only modules (routers) in float32 and records
+        # `dtype` in config.dtype, as from_pretrained does.
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -189,7 +189,7 @@ def load_model(
     show_progress: bool | None = None,
 ) -> LoadedModel:
     """Build, plan, inject and load a model (the module docstring lists the steps)."""
-    model = build_meta_model(config, registry)
+    model = build_meta_model(config, registry, dtype)
     result = plan(model, rules, device_map=device_map)
     problems = check_replacements(model, result, registry)
     if problems:
