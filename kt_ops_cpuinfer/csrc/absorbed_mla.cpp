@@ -110,6 +110,8 @@ void AbsorbedMLA::rotate(const float* x, const float* cos, const float* sin, WTy
 
 // Token t between the projections and the per-head products: the normed latent and the
 // rotated k_pe into cache row `slot`, the rotated q_pe rows (float32) and the q_nope rows.
+// CachedRows are read-only for the core; this step is the one writer of the cache (row
+// `slot` only, which no other task of the job touches before the core's phases).
 void AbsorbedMLA::token_step(int t, WType dtype, const uint8_t* cos, const uint8_t* sin, WType table_type,
                              const CachedRows& c_kv, const CachedRows& k_pe, int slot) {
     const MLAShape& d = d_;
