@@ -333,3 +333,40 @@ def test_a_bfloat16_load_keeps_activations_and_cache_in_bfloat16(kind, tmp_path_
     hook.remove()
     assert all((out[0] if isinstance(out, tuple) else out).dtype == torch.bfloat16 for out in seen)
     assert all(layer.keys.dtype == torch.bfloat16 for layer in session.cache.layers)
+
+
+@pytest.mark.parametrize("kind", ["deepseek-v2", "deepseek-v2-lite", "deepseek-v3"])
+def test_shipped_cpu_rules_run_decode_attention_as_one_engine_job(kind, tmp_path_factory, tokenizer, monkeypatch):
+    """The shipped `*-cpu` rules put every part of MLA on the engine, so decode takes the fused step.
+
+    A rule edit that moves one part elsewhere silently costs ~30 torch ops per layer per
+    token; this catches it.
+    """
+    from kt_core.rules import load_rules
+    from kt_core.rules.shipped import find_rule_file
+    from kt_core.runtime.load import load_model
+    from kt_models_deepseek.mla_attention import KDeepseekV2Attention
+
+    calls = {"fused": 0}
+    real = KDeepseekV2Attention._fused_attend
+
+    def spy(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["fused"] += out is not None
+        return out
+
+    monkeypatch.setattr(KDeepseekV2Attention, "_fused_attend", spy)
+    path, model, rules = make_model_dir(kind, tmp_path_factory, tokenizer)
+    registry = get_registry()
+    inputs = open_model(str(path), None, registry)
+    loaded = load_model(inputs.config, load_rules(find_rule_file(rules), registry), inputs.source, registry,
+                        dtype=torch.float32, show_progress=False)
+    session = Session(loaded.model, loaded.config, 64)
+    ids = tokenizer.encode(PROMPT)
+    logits, _ = session.prefill(ids)
+    tokens = []
+    for _ in range(4):
+        tokens.append(int(logits.argmax()))
+        logits = session.decode(tokens[-1])
+    assert calls["fused"] == 4 * loaded.config.num_hidden_layers
+    assert tokens == hf_greedy(model, ids, 4)
