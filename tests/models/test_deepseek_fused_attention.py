@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fused_attention_spy import count_fused_steps
 from test_deepseek_ops import make_model
 from transformers import StaticCache
 
@@ -67,19 +68,6 @@ def decode(model, ids: torch.Tensor, prompt_len: int, attention_mask: torch.Tens
                         attention_mask=mask, use_cache=True)
             logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
-
-
-def count_fused_steps(monkeypatch) -> dict[str, int]:
-    calls = {"fused": 0}
-    real = KDeepseekV2Attention._fused_attend
-
-    def spy(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        calls["fused"] += out is not None
-        return out
-
-    monkeypatch.setattr(KDeepseekV2Attention, "_fused_attend", spy)
-    return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -342,20 +342,13 @@ def test_shipped_cpu_rules_run_decode_attention_as_one_engine_job(kind, tmp_path
     A rule edit that moves one part elsewhere silently costs ~30 torch ops per layer per
     token; this catches it.
     """
+    from fused_attention_spy import count_fused_steps
+
     from kt_core.rules import load_rules
     from kt_core.rules.shipped import find_rule_file
     from kt_core.runtime.load import load_model
-    from kt_models_deepseek.mla_attention import KDeepseekV2Attention
 
-    calls = {"fused": 0}
-    real = KDeepseekV2Attention._fused_attend
-
-    def spy(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        calls["fused"] += out is not None
-        return out
-
-    monkeypatch.setattr(KDeepseekV2Attention, "_fused_attend", spy)
+    calls = count_fused_steps(monkeypatch)
     path, model, rules = make_model_dir(kind, tmp_path_factory, tokenizer)
     registry = get_registry()
     inputs = open_model(str(path), None, registry)
