@@ -16,8 +16,6 @@ constexpr int kMaxRope = 256;
 
 size_t elt(WType t) { return static_cast<size_t>(wtype_info(t).block_bytes); }
 
-bool float_type(WType t) { return t == WType::F32 || t == WType::F16 || t == WType::BF16; }
-
 // torch's type promotion between two float types (a mixed 16-bit pair computes in float32).
 WType promoted(WType a, WType b) { return a == b ? a : WType::F32; }
 
@@ -51,13 +49,13 @@ AbsorbedMLA::AbsorbedMLA(std::shared_ptr<ThreadPool> pool, const KernelTable& ke
     require(uv_->groups() == d_.heads && uv_->rows() == d_.v_dim && uv_->cols() == d_.latent, "W_UV must be heads x [v, latent]");
     require(o_->cols() == d_.heads * d_.v_dim, "o_proj takes heads * v inputs");
     if (q_a_ != nullptr) {
-        require(q_a_norm_.data != nullptr && float_type(q_a_norm_.type), "q_a needs its norm's weight");
+        require(q_a_norm_.data != nullptr && is_float_type(q_a_norm_.type), "q_a needs its norm's weight");
         require(q_->cols() == q_a_->rows(), "q_b takes q_a's outputs");
         require(q_a_->cols() == kv_a_->cols(), "q_a and kv_a take the same input");
     } else {
         require(q_->cols() == kv_a_->cols(), "q and kv_a take the same input");
     }
-    require(kv_norm_.data != nullptr && float_type(kv_norm_.type), "kv_a needs its norm's weight");
+    require(kv_norm_.data != nullptr && is_float_type(kv_norm_.type), "kv_a needs its norm's weight");
     require(o_->rows() == kv_a_->cols(), "o_proj writes the hidden size");
 }
 
@@ -112,10 +110,9 @@ void AbsorbedMLA::rotate(const float* x, const float* cos, const float* sin, WTy
 // rotated k_pe into cache row `slot`, the rotated q_pe rows (float32) and the q_nope rows.
 // CachedRows are read-only for the core; this step is the one writer of the cache (row
 // `slot` only, which no other task of the job touches before the core's phases).
-void AbsorbedMLA::token_step(int t, WType dtype, const uint8_t* cos, const uint8_t* sin, WType table_type,
+void AbsorbedMLA::token_step(int t, WType dtype, WType qt, const uint8_t* cos, const uint8_t* sin, WType table_type,
                              const CachedRows& c_kv, const CachedRows& k_pe, int slot) {
     const MLAShape& d = d_;
-    const WType qt = q_a_ != nullptr ? promoted(dtype, q_a_norm_.type) : dtype;
     const size_t kv_row = static_cast<size_t>(t) * (d.latent + d.rope) * elt(dtype);
     const uint8_t* kv = kv_out_.data() + kv_row;
     k_.rms_norm_row(kv, dtype, d.latent, kv_norm_.data, kv_norm_.type, kv_norm_.eps,
@@ -149,7 +146,7 @@ void AbsorbedMLA::forward(const void* x, WType dtype, int tokens, const uint8_t*
                           const int32_t* visible, void* out) {
     if (tokens <= 0) return;
     const MLAShape& d = d_;
-    require(float_type(dtype), "activations must be F32, F16 or BF16");
+    require(is_float_type(dtype), "activations must be F32, F16 or BF16");
     require(c_kv.type == promoted(dtype, kv_norm_.type), "the cached latents must have the norm's output dtype");
     require(k_pe.type == dtype, "the cached k_pe must have the activations' dtype");
     require(rope_form_ == RopeForm::Complex || table_type == dtype, "cos/sin must have the activations' dtype");
@@ -188,7 +185,7 @@ void AbsorbedMLA::forward(const void* x, WType dtype, int tokens, const uint8_t*
         q_->append_phases(phases, normed, qt, tokens, q_out, qt, nullptr);
     }
     // 2. per token: norm, rotary, cache rows, the per-head rows of q.
-    phases.push_back({tokens, [=](int t, int) { token_step(t, dtype, cos, sin, table_type, c_kv, k_pe, start + t); }});
+    phases.push_back({tokens, [=](int t, int) { token_step(t, dtype, qt, cos, sin, table_type, c_kv, k_pe, start + t); }});
     // 3. q_nope W_UK per head, the core over the cache, the latent context W_UV per head.
     uk_->append_phases(phases, q_nope_.data(), qt, tokens, q_latent, WType::F32, nullptr);
     core_.append_phases(phases, q_latent, reinterpret_cast<const float*>(q_pe_.data()), tokens, d.heads, d.latent,

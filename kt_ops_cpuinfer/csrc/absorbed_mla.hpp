@@ -65,7 +65,8 @@ public:
 
 private:
     void rotate(const float* x, const float* cos, const float* sin, WType dtype, float* out) const;
-    void token_step(int t, WType dtype, const uint8_t* cos, const uint8_t* sin, WType table_type,
+    // qt: the dtype of q's rows (the model's, or q_a's norm's output with q_lora).
+    void token_step(int t, WType dtype, WType qt, const uint8_t* cos, const uint8_t* sin, WType table_type,
                     const CachedRows& c_kv, const CachedRows& k_pe, int slot);
 
     std::shared_ptr<ThreadPool> pool_;

@@ -45,7 +45,7 @@ WType parse_wtype(const std::string& name) {
 // A tensor dtype the engine reads and writes activations in: F32, F16 or BF16.
 WType parse_float_type(const std::string& name) {
     const WType t = parse_wtype(name);
-    if (t != WType::F32 && t != WType::F16 && t != WType::BF16)
+    if (!is_float_type(t))
         throw std::invalid_argument("expected a float type (F32, F16, BF16), got '" + name + "'");
     return t;
 }

@@ -52,6 +52,9 @@ inline constexpr WTypeInfo kWTypeInfo[] = {
 
 inline constexpr const WTypeInfo& wtype_info(WType t) { return kWTypeInfo[static_cast<int>(t)]; }
 
+// The plain float types activations, caches and norm weights come in.
+inline constexpr bool is_float_type(WType t) { return t == WType::F32 || t == WType::F16 || t == WType::BF16; }
+
 // Bytes of one stored row of `cols` values (cols must be a whole number of blocks).
 inline constexpr size_t row_bytes(WType t, int cols) {
     return static_cast<size_t>(cols / wtype_info(t).block_values) * wtype_info(t).block_bytes;

@@ -14,8 +14,6 @@ constexpr int kColumnsPerTask = 64;  // a context task: this many latent columns
 constexpr int kRowsPerTask = 16;     // ... of this many query rows
 constexpr int kRowBlock = 16;        // query rows handed to a kernel call together (one query's heads, in decode)
 
-bool float_rows(WType t) { return t == WType::F32 || t == WType::F16 || t == WType::BF16; }
-
 }  // namespace
 
 LatentAttention::LatentAttention(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels)
@@ -36,7 +34,7 @@ void LatentAttention::append_phases(std::vector<Phase>& phases, const float* q_l
                                     int keys, const int32_t* visible, float scale, float* out) {
     if (queries <= 0 || heads <= 0) return;
     if (latent <= 0 || rope < 0 || keys < 0) throw std::invalid_argument("LatentAttention: negative sizes");
-    if (!float_rows(c_kv.type) || !float_rows(k_pe.type))
+    if (!is_float_type(c_kv.type) || !is_float_type(k_pe.type))
         throw std::invalid_argument("LatentAttention: cached rows must be F32, F16 or BF16");
     const int rows = queries * heads;
     int used = 0;  // keys any query sees: later slots are never read
