@@ -25,6 +25,7 @@ from tiny_models import deepseek_v2_config, deepseek_v3_config, meta_model, rand
 from transformers import PretrainedConfig, StaticCache
 
 import kt_models_deepseek.mla_attention as mla_attention_module
+from kt_core import cpu_matmul
 from kt_core.errors import KtUserError
 from kt_core.inject import inject
 from kt_core.injected import BaseInjectedModule
@@ -205,13 +206,23 @@ def test_attention_caches_exactly_the_transformers_latent(config_name, registry,
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "expected"),
-    [("{}", torch.float32), ("{dtype: bfloat16}", torch.bfloat16), ("{absorb_op: KHeadwiseLinearCPUInfer}", torch.bfloat16)],
+    ("kwargs", "features", "expected"),
+    [
+        ("{}", ("amx_bf16",), torch.float32),
+        ("{dtype: bfloat16}", (), torch.bfloat16),
+        ("{absorb_op: KHeadwiseLinearCPUInfer}", ("avx512_bf16",), torch.bfloat16),
+        ("{absorb_op: KHeadwiseLinearCPUInfer}", ("avx2",), torch.float32),
+    ],
 )
-def test_absorbed_weights_are_float32_on_the_cpu_unless_a_dtype_is_given(kwargs, expected, registry, rules_from):
+def test_absorbed_weights_are_float32_on_the_cpu_unless_a_dtype_is_given(
+    kwargs, features, expected, registry, rules_from, monkeypatch
+):
     """On the CPU the absorbed halves default to float32 even in a bfloat16 model (torch's
     one-row bfloat16 batched matmuls are ~10x slower there); the `dtype` kwarg overrides.
-    With a per-head backend they serve only long prefills' expanded form: the model's dtype."""
+    With a per-head backend they serve only long prefills' expanded form: the model's dtype
+    where the CPU has bfloat16 dot products, float32 where torch's bfloat16 matmuls take
+    the slow generic path (`features` pretends which the CPU has)."""
+    monkeypatch.setattr(cpu_matmul, "_cpu_capabilities", lambda: frozenset(features))
     model = make_model("v2-lite")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # what the runtime sets for --dtype bfloat16

@@ -32,6 +32,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 
 from kt_core.absorbed_attention import AbsorbedAttentionParts, FusedAbsorbedAttention, RopeForm
 from kt_core.backends import HeadwiseLinearBackend
+from kt_core.cpu_matmul import cpu_matmul_dtype
 from kt_core.errors import KtUserError
 from kt_core.injected import BaseInjectedModule
 from kt_core.operators.dispatch import DispatchingModule
@@ -196,22 +197,28 @@ class KDeepseekV2Attention(BaseInjectedModule):
             child.weight = nn.Parameter(weight, requires_grad=False)
 
     def _absorbed_dtype(self) -> torch.dtype:
-        """The `dtype` kwarg; without it: float32 on the CPU, torch's default dtype elsewhere
-        or when a per-head backend (`absorb_op`) computes the absorbed form.
+        """The `dtype` kwarg; without it: on the CPU float32, or with a per-head backend
+        (`absorb_op`) the model's dtype where the CPU multiplies it natively; elsewhere
+        torch's default dtype.
 
         Why float32 on the CPU: decode's absorbed products are batched matmuls with one
         query row per head ([H, 1, nope] x [H, nope, kv_lora], then [H, 1, T] x [T, kv_lora]),
         which torch runs on a generic bfloat16 path about 10x slower than its float32 one
         (1.8 ms against 0.19 ms per layer for DeepSeek-V2-Lite's W_UK product on this
         project's 2-core machines) — more than the MoE layer's experts take. With a per-head
-        backend the halves serve only the expanded form of long prefills, whose large
-        matmuls are fast in the model's dtype, at half float32's memory.
+        backend the halves serve only the expanded form of long prefills. Its large matmuls
+        are fast in bfloat16 where the CPU has bfloat16 dot products (AVX512-BF16, AMX), at
+        half float32's memory; without them they are ~13x slower than in float32 (103 against
+        8 ms per layer for a 128-token DeepSeek-V2-Lite prefill on the AVX2 machine), so the
+        halves are kept in float32 there (`cpu_matmul_dtype`).
         """
         if self.dtype_name is not None:
             return getattr(torch, self.dtype_name)
-        if self.device.type == "cpu" and self.absorb_op is None:
+        if self.device.type != "cpu":
+            return torch.get_default_dtype()
+        if self.absorb_op is None:
             return torch.float32
-        return torch.get_default_dtype()
+        return cpu_matmul_dtype(torch.get_default_dtype())
 
     def unload(self) -> None:
         self.w_uk = self.w_uv = None

@@ -1,0 +1,45 @@
+"""`cpu_matmul_dtype`: 16-bit CPU matmuls only where the CPU has the dot-product instructions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kt_core import cpu_matmul
+
+
+@pytest.fixture
+def cpu_features(monkeypatch):
+    """Pretend the CPU has exactly the given torch capability names."""
+
+    def pretend(*names: str) -> None:
+        monkeypatch.setattr(cpu_matmul, "_cpu_capabilities", lambda: frozenset(names))
+
+    return pretend
+
+
+@pytest.mark.parametrize(
+    ("features", "dtype", "expected"),
+    [
+        ((), torch.bfloat16, torch.float32),
+        (("avx2", "avx512_f"), torch.bfloat16, torch.float32),
+        (("avx512_bf16",), torch.bfloat16, torch.bfloat16),
+        (("amx_bf16",), torch.bfloat16, torch.bfloat16),
+        (("avx512_bf16",), torch.float16, torch.float32),
+        (("amx_fp16",), torch.float16, torch.float16),
+        (("avx512_fp16",), torch.float16, torch.float16),
+        ((), torch.float32, torch.float32),
+        ((), torch.float64, torch.float64),
+    ],
+)
+def test_matmul_dtype_follows_the_cpu_features(cpu_features, features, dtype, expected):
+    cpu_features(*features)
+    assert cpu_matmul.cpu_matmul_dtype(dtype) == expected
+    assert cpu_matmul.has_native_cpu_matmul(dtype) == (expected == dtype)
+
+
+def test_capabilities_are_torch_s_present_features():
+    cpu_matmul._cpu_capabilities.cache_clear()
+    reported = torch.cpu.get_capabilities()
+    seen = cpu_matmul._cpu_capabilities()
+    assert seen == {name for name, present in reported.items() if present is True}
