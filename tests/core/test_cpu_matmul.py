@@ -43,3 +43,16 @@ def test_capabilities_are_torch_s_present_features():
     reported = torch.cpu.get_capabilities()
     seen = cpu_matmul._cpu_capabilities()
     assert seen == {name for name, present in reported.items() if present is True}
+
+
+def test_matmul_weight_upcasts_only_a_prefill_s_product_on_a_slow_cpu(cpu_features):
+    weight = torch.randn(8, 4, dtype=torch.bfloat16)
+    cpu_features()
+    assert cpu_matmul.matmul_weight(weight, cpu_matmul.UPCAST_MIN_ROWS - 1) is weight
+    upcast = cpu_matmul.matmul_weight(weight, cpu_matmul.UPCAST_MIN_ROWS)
+    assert upcast.dtype == torch.float32 and torch.equal(upcast, weight.float())
+    cpu_features("avx512_bf16")
+    assert cpu_matmul.matmul_weight(weight, 512) is weight
+    f32 = weight.float()
+    cpu_features()
+    assert cpu_matmul.matmul_weight(f32, 512) is f32

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import deepseek_v2_config, qwen3_moe_config, random_model
 from torch import nn
 
+from kt_core import cpu_matmul
 from kt_core.weights.source import StateDictSource
 from kt_ops_torch.experts import KExpertsTorch
 from kt_ops_torch.linear import KLinearTorch
@@ -128,3 +130,52 @@ def test_experts_ignore_masked_slots():
     w_clean[0, 1] = 0
     w_clean[1, 0] = 0
     torch.testing.assert_close(kept, op(hidden, ids_clean, w_clean), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("features", "rows", "computes_in"), [
+    ((), 20, torch.float32),  # a prefill on a CPU without bfloat16 dot products: float32
+    ((), 3, torch.bfloat16),  # a few rows: converting the weight would cost more than it saves
+    (("amx_bf16",), 20, torch.bfloat16),  # bfloat16 dot products: the weight's own dtype
+])
+def test_linear_bfloat16_prefill_computes_where_the_cpu_is_fast(features, rows, computes_in, monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "_cpu_capabilities", lambda: frozenset(features))
+    ref = nn.Linear(64, 32)
+    source = StateDictSource({f"l.{k}": v for k, v in ref.state_dict().items()})
+    op = KLinearTorch("l", source, deepseek_v2_config(), nn.Linear(64, 32), dtype="bfloat16")
+    op.load()
+    x = torch.randn(1, rows, 64, dtype=torch.bfloat16)
+    expected = F.linear(x.to(computes_in), op.weight.to(computes_in), op.bias.to(computes_in)).to(torch.bfloat16)
+    assert op.weight.dtype == torch.bfloat16
+    assert torch.equal(op(x), expected)  # the same single matmul in the same dtype: bit-identical
+
+
+def test_experts_with_a_prefill_s_tokens_compute_in_float32_without_bf16_dot_products(monkeypatch):
+    """On a CPU without bfloat16 dot products an expert given >= UPCAST_MIN_ROWS tokens runs
+    on a float32 copy of its weights; one given fewer on the stored bfloat16. Tolerance:
+    bfloat16 weights and outputs (8 mantissa bits) on outputs of magnitude ~1e-2."""
+    import kt_ops_torch.experts as experts_module
+
+    monkeypatch.setattr(cpu_matmul, "_cpu_capabilities", lambda: frozenset())
+    seen: list[tuple[int, torch.dtype]] = []
+
+    def spy(weight, rows):
+        chosen = cpu_matmul.matmul_weight(weight, rows)
+        seen.append((rows, chosen.dtype))
+        return chosen
+
+    monkeypatch.setattr(experts_module, "matmul_weight", spy)
+    config = deepseek_v2_config()
+    experts = random_model(config).model.layers[1].mlp.experts
+    source = StateDictSource({f"e.{k}": v for k, v in experts.state_dict().items()})
+    op = KExpertsTorch("e", source, config, experts, dtype="bfloat16")
+    op.load()
+    tokens = cpu_matmul.UPCAST_MIN_ROWS + 2
+    hidden = torch.randn(tokens, config.hidden_size)
+    ids = torch.tensor([[0, 1, 2 + t % 5] for t in range(tokens)])  # experts 0 and 1 get every token
+    weights = torch.rand(tokens, 3)
+    with torch.no_grad():
+        got = op(hidden, ids, weights)
+        expected = experts(hidden, ids, weights)
+    assert {dtype for rows, dtype in seen if rows >= cpu_matmul.UPCAST_MIN_ROWS} == {torch.float32}
+    assert {dtype for rows, dtype in seen if rows < cpu_matmul.UPCAST_MIN_ROWS} == {torch.bfloat16}
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=2e-3)

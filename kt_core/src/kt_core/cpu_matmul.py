@@ -40,3 +40,22 @@ def has_native_cpu_matmul(dtype: torch.dtype) -> bool:
 def cpu_matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     """`dtype`, or float32 where this CPU would multiply `dtype` matrices on a slow generic path."""
     return dtype if has_native_cpu_matmul(dtype) else torch.float32
+
+
+# Activation rows from which a product with a 16-bit weight on such a CPU runs faster with
+# the weight converted to float32 for the call: 1408x2048 bfloat16 on the AVX2 machine took
+# 4.9 ms at 8 rows either way, 7.5 against 4.7 ms at 16 rows, 14.6 against 4.0 at 32.
+UPCAST_MIN_ROWS = 16
+
+
+def matmul_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` in the dtype its product with `rows` activation rows should run in.
+
+    On a CPU without dot products for the weight's 16-bit dtype, a float32 copy made for
+    this call once `rows` reaches `UPCAST_MIN_ROWS` (a prefill); the weight itself
+    otherwise, so a decode step never pays the conversion and nothing is stored twice.
+    """
+    if weight.device.type != "cpu" or rows < UPCAST_MIN_ROWS:
+        return weight
+    dtype = cpu_matmul_dtype(weight.dtype)
+    return weight if dtype == weight.dtype else weight.to(dtype)

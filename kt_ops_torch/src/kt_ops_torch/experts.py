@@ -17,12 +17,17 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from kt_core.backends import ExpertsBackend
+from kt_core.cpu_matmul import matmul_weight
 from kt_core.weights.source import WeightSource
 from kt_ops_torch.dtypes import resolve_dtype
 
 
 class KExpertsTorch(ExpertsBackend):
-    """Stacked expert weights in `dtype`; the transformers-5 experts call signature."""
+    """Stacked expert weights in `dtype`; the transformers-5 experts call signature.
+
+    An expert given a prefill's many tokens on a CPU without dot products for a 16-bit
+    `dtype` computes them in float32 (`kt_core.cpu_matmul.matmul_weight`).
+    """
 
     def __init__(
         self,
@@ -68,9 +73,10 @@ class KExpertsTorch(ExpertsBackend):
             if count == 0:
                 continue
             end = start + count
-            seg = x[start:end]
-            h = self.act_fn(seg @ self.gate[expert].T) * (seg @ self.up[expert].T)
-            y = (h @ self.down[expert].T) * w[start:end, None]
+            gate, up, down = (matmul_weight(weights[expert], count) for weights in (self.gate, self.up, self.down))
+            seg = x[start:end].to(gate.dtype)
+            h = self.act_fn(seg @ gate.T) * (seg @ up.T)
+            y = (h @ down.T).to(compute) * w[start:end, None]
             out.index_add_(0, token_of[start:end], y)
             start = end
         return out.to(hidden_states.dtype)

@@ -10,12 +10,17 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from kt_core.backends import LinearBackend
+from kt_core.cpu_matmul import matmul_weight
 from kt_core.weights.source import WeightSource
 from kt_ops_torch.dtypes import resolve_dtype
 
 
 class KLinearTorch(LinearBackend):
-    """Holds the weight dequantized to `dtype` on its device; computes in that dtype."""
+    """Holds the weight dequantized to `dtype` on its device; computes in that dtype.
+
+    Except for prefills on a CPU that has no dot products for a 16-bit `dtype`, where the
+    call computes in float32 (`kt_core.cpu_matmul.matmul_weight`).
+    """
 
     def __init__(
         self,
@@ -46,6 +51,8 @@ class KLinearTorch(LinearBackend):
         # Rows as one 2-D matrix: for a 3-D input of one row ([1, 1, in]: a decode step, or
         # the last position of a prefill for the logits) torch 2.13's matmul takes a bmm
         # path that first copies the whole weight: 2.5 s per call for DeepSeek's bf16 lm_head.
-        rows = x.reshape(-1, x.shape[-1]).to(self.weight.dtype).contiguous()
-        out = F.linear(rows, self.weight, self.bias)
+        weight = matmul_weight(self.weight, x.numel() // x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1]).to(weight.dtype).contiguous()
+        bias = None if self.bias is None else self.bias.to(weight.dtype)
+        out = F.linear(rows, weight, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
