@@ -2,9 +2,9 @@
 
 Tolerances are the derived bounds of `cpuinfer_refs` (activation quantization to 8 bits
 per block, bfloat16 rounding, float32 accumulation). Shapes cover the kernels' edges: row
-counts that are not multiples of anything, 1 to 7 tokens (token groups of 4 and their
-remainders), an odd number of 32-value blocks (the single-block tail), float rows with a
-scalar tail.
+counts that are not multiples of anything, 1 to 19 tokens (token groups of 4, or 8 for
+the AVX2 K-quant kernel, and every remainder size of both), an odd number of 32-value
+blocks (the single-block tail), float rows with a scalar tail.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _check(isa: str, ggml_type: str, blocks: np.ndarray, x: np.ndarray) -> float
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("ggml_type", FLOAT_TYPES + QUANT_TYPES)
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 6, 7, 8, 13, 19])
 def test_quantized_weights_match_gguf_reference(isa, ggml_type, tokens):
     gen = torch.Generator().manual_seed(tokens)
     cols = COLS[ggml_type]
