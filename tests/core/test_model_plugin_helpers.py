@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 from kt_core.errors import KtUserError
 from kt_core.injected import BaseInjectedModule
-from kt_core.moe import finish_experts, load_router, runs_asynchronously, start_experts
+from kt_core.moe import finish_experts, load_router, overlap_experts, runs_asynchronously, start_experts
 from kt_core.transfer import check_transfer_map
 from kt_core.weights.gguf_metadata import ArchMetadata, rope_metadata, rope_parameters, token_ids
 from kt_core.weights.name_map import embedding_and_head_mappings, stacked_expert_mappings
@@ -92,6 +92,66 @@ def test_asynchronous_experts_are_started_before_and_waited_for_after_the_other_
     log.append("shared")
     assert started is None and torch.equal(finish_experts(experts, started), tokens * 2)
     assert log == ["submit", "shared", "sync"]
+
+
+class _AsyncShared(nn.Module):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def submit(self, x) -> None:
+        self.log.append("shared.submit")
+        self.result = x + 1
+
+    def sync(self):
+        self.log.append("shared.sync")
+        return self.result
+
+
+class _PlainShared(nn.Module):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def forward(self, x):
+        self.log.append("shared")
+        return x + 1
+
+
+def _route(log: list[str]):
+    def route():
+        log.append("route")
+        return torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+
+    return route
+
+
+def test_overlap_starts_an_asynchronous_shared_mlp_before_routing():
+    log: list[str] = []
+    tokens = torch.ones(3, 4)
+    routed, shared = overlap_experts(_AsyncExperts(log), _AsyncShared(log), tokens, tokens, _route(log))
+    assert torch.equal(routed, tokens * 2) and torch.equal(shared, tokens + 1)
+    assert log == ["shared.submit", "route", "submit", "shared.sync", "sync"]
+
+
+def test_overlap_calls_a_synchronous_shared_mlp_while_the_routed_experts_run():
+    log: list[str] = []
+    tokens = torch.ones(3, 4)
+    routed, shared = overlap_experts(_AsyncExperts(log), _PlainShared(log), tokens, tokens, _route(log))
+    assert torch.equal(shared, tokens + 1) and log == ["route", "submit", "shared", "sync"]
+    assert overlap_experts(_AsyncExperts(log), None, tokens, tokens, _route(log))[1] is None
+
+
+def test_overlap_waits_for_a_submitted_shared_mlp_when_routing_fails():
+    log: list[str] = []
+
+    def failing_route():
+        raise ValueError("bad router")
+
+    tokens = torch.ones(3, 4)
+    with pytest.raises(ValueError, match="bad router"):
+        overlap_experts(_AsyncExperts(log), _AsyncShared(log), tokens, tokens, failing_route)
+    assert log == ["shared.submit", "shared.sync"]
 
 
 def test_plain_experts_are_called_at_once_with_matched_weights_on_request():

@@ -99,3 +99,25 @@ def test_children_are_consumed_and_problems_found_before_loading():
     assert op.memory() == BackendMemory()
     with pytest.raises(RuntimeError, match="used before load"):
         op(torch.randn(1, HIDDEN))
+
+
+def test_submit_then_sync_gives_the_forward_and_misuse_is_refused():
+    """`submit`/`sync` (what lets a MoE block start the shared experts before routing) give
+    forward's output exactly; a second submit or a sync without one is an error."""
+    module, config = _mlp("deepseek")
+    op = KMLPCPUInfer(KEY, BlockSource(_blocks(("Q4_K", "Q4_K", "Q8_0"), seed=5)), config, module.to("meta"), "cpu",
+                      threads=2)
+    op.load()
+    x = torch.randn(1, 2, HIDDEN, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    expected = op(x)
+    op.submit(x)
+    with pytest.raises(RuntimeError, match="while a previous submit"):
+        op.submit(x)
+    out = op.sync()
+    assert out.shape == x.shape and out.dtype == x.dtype and torch.equal(out, expected)
+    with pytest.raises(RuntimeError, match="without a submit"):
+        op.sync()
+    op.submit(x)
+    op.unload()  # waits for the job in flight before dropping the engine layer
+    with pytest.raises(RuntimeError, match="used before load"):
+        op.submit(x)

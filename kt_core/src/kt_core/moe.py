@@ -9,9 +9,16 @@ experts while they run (on a CPU engine or another device that hides the shared
 experts' time), then waits for them. A plain transformers experts module is simply
 called. The model plugins differ in routing and in what runs meanwhile; these helpers
 are the parts that must behave the same in all of them.
+
+The order of a block's work is `overlap_experts`: a shared MLP that itself runs
+asynchronously (``submit(x)``/``sync()``, such as ``KMLPCPUInfer``) is started before
+routing, so the engine computes it while Python routes — on a CPU-only decode step the
+routing's dozen small torch ops would otherwise leave the engine idle.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -40,9 +47,9 @@ def load_router(block: BaseInjectedModule, num_experts: int, buffers: tuple[str,
     return router
 
 
-def runs_asynchronously(experts: nn.Module) -> bool:
-    """Whether `experts` can be started and waited for (``submit``/``sync``) instead of called."""
-    return hasattr(experts, "submit") and hasattr(experts, "sync")
+def runs_asynchronously(module: nn.Module) -> bool:
+    """Whether `module` (experts, or a shared MLP) can be started and waited for (``submit``/``sync``) instead of called."""
+    return hasattr(module, "submit") and hasattr(module, "sync")
 
 
 def start_experts(
@@ -73,4 +80,46 @@ def finish_experts(experts: nn.Module, started: torch.Tensor | None) -> torch.Te
     return experts.sync() if started is None else started
 
 
-__all__ = ["finish_experts", "load_router", "runs_asynchronously", "start_experts"]
+Route = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+"""A block's routing for the tokens at hand: (expert ids, float32 weights), both [T, k]."""
+
+
+def overlap_experts(
+    experts: nn.Module,
+    shared: nn.Module | None,
+    tokens: torch.Tensor,
+    shared_input: torch.Tensor,
+    route: Route,
+    *,
+    match_tokens: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The routed experts' output [T, H] and the shared MLP's (of `shared_input`; None without one).
+
+    As much runs at once as the modules allow: an asynchronous shared MLP is submitted
+    first and computes while `route` runs; the routed experts are started next; a
+    synchronous shared MLP is called while they compute; then everything is waited for.
+    If anything fails once the shared MLP was submitted, it is waited for before the error
+    propagates, so no job still writes into memory the caller has given up.
+    """
+    pending_shared = shared is not None and runs_asynchronously(shared)
+    if pending_shared:
+        shared.submit(shared_input)
+    try:
+        ids, weights = route()
+        started = start_experts(experts, tokens, ids, weights, match_tokens=match_tokens)
+    except BaseException:
+        if pending_shared:
+            shared.sync()
+        raise
+    if pending_shared:
+        try:
+            shared_out = shared.sync()
+        except BaseException:
+            finish_experts(experts, started)
+            raise
+    else:
+        shared_out = shared(shared_input) if shared is not None else None
+    return finish_experts(experts, started), shared_out
+
+
+__all__ = ["Route", "finish_experts", "load_router", "overlap_experts", "runs_asynchronously", "start_experts"]

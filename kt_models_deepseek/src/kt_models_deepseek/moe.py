@@ -3,9 +3,11 @@
 They replace transformers' ``DeepseekV2Moe`` / ``DeepseekV3MoE``. Routing is computed
 here (`routing`), from router weights read at load in float32, with the same math as
 transformers' routers. When the routed experts are a kt experts operator (anything with
-``submit``/``sync``, such as `KTransformersExperts`), they are *started* first and the
-shared experts run while they compute — on a CPU engine or another device that hides
-the shared experts' time. A plain transformers experts module is simply called.
+``submit``/``sync``, such as `KTransformersExperts`), they are *started* and the shared
+experts run while they compute — on a CPU engine or another device that hides the
+shared experts' time; shared experts that are asynchronous themselves (``KMLPCPUInfer``)
+are started even before routing (`kt_core.moe.overlap_experts`). A plain transformers
+experts module is simply called.
 
 The ``experts`` and ``shared_experts`` children are the original's, called as modules,
 so rules replace them independently (experts → KTransformersExperts, shared experts'
@@ -26,7 +28,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from kt_core.calling_thread import on_calling_thread
 from kt_core.injected import BaseInjectedModule
-from kt_core.moe import finish_experts, load_router, start_experts
+from kt_core.moe import load_router, overlap_experts
 from kt_core.weights.source import WeightSource
 from kt_models_deepseek.routing import route_sigmoid, route_softmax
 
@@ -103,10 +105,13 @@ class _DeepseekMoE(BaseInjectedModule, abc.ABC):
         out_device = hidden_states.device
         x = hidden_states.to(self.device)
         tokens = x.view(-1, x.shape[-1])
-        weights, ids = self.route(tokens)
-        started = start_experts(self.experts, tokens, ids, weights)
-        shared = self.shared_experts(x)  # runs while submitted routed experts compute
-        routed = finish_experts(self.experts, started)
+
+        def route() -> tuple[torch.Tensor, torch.Tensor]:
+            weights, ids = self.route(tokens)
+            return ids, weights
+
+        routed, shared = overlap_experts(self.experts, self.shared_experts, tokens, x, route)
+        assert shared is not None
         out = routed.to(x.device).view(x.shape) + shared
         return out.to(out_device)
 

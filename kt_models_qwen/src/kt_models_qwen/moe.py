@@ -4,7 +4,8 @@ transformers' blocks call router, shared expert and experts one after another. W
 ``experts`` child is kt's `KTransformersExperts` (or anything with ``submit``/``sync``),
 these blocks *start* the routed experts, compute the shared expert while they run (the
 CPU engine works asynchronously), then wait for them: the overlap KTransformers got from
-its ``KQwen2MoeSparseMoeBlock``. With a plain transformers experts module they simply
+its ``KQwen2MoeSparseMoeBlock``. A shared expert that is asynchronous itself
+(``KMLPCPUInfer``) is started even before routing (`kt_core.moe.overlap_experts`). With a plain transformers experts module they simply
 call it. Children (``experts``, ``shared_expert``, ``shared_expert_gate``) are called as
 modules, so rules may replace them; only the router weight is read here, because
 routing is part of the block.
@@ -20,7 +21,7 @@ from transformers import PretrainedConfig
 
 from kt_core.calling_thread import on_calling_thread
 from kt_core.injected import BaseInjectedModule
-from kt_core.moe import finish_experts, load_router, start_experts
+from kt_core.moe import finish_experts, load_router, overlap_experts, start_experts
 from kt_core.weights.source import WeightSource
 from kt_models_qwen.routing import softmax_topk_route
 
@@ -79,11 +80,11 @@ class KQwen2MoeSparseMoeBlock(_QwenMoeBlock):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         tokens = hidden_states.view(-1, hidden_dim)
-        ids, weights = self.route(tokens)
-        started = start_experts(self.experts, tokens, ids, weights, match_tokens=True)
-        shared = self.shared_expert(tokens)
+        routed, shared = overlap_experts(
+            self.experts, self.shared_expert, tokens, tokens, lambda: self.route(tokens), match_tokens=True
+        )
+        assert shared is not None
         shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
-        routed = finish_experts(self.experts, started)
         out = routed.to(device=tokens.device, dtype=tokens.dtype) + shared.to(tokens.device)
         return out.reshape(batch_size, sequence_length, hidden_dim)
 

@@ -61,6 +61,7 @@ class KMLPCPUInfer(BaseInjectedModule):
         self._layer: Any = None
         self._matrices: tuple[EngineMatrix, ...] = ()
         self._route: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inflight: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def accepts(cls, module: nn.Module) -> str | None:
@@ -103,6 +104,8 @@ class KMLPCPUInfer(BaseInjectedModule):
         self._matrices = (gate, up, down)
 
     def unload(self) -> None:
+        if self._inflight is not None:
+            self.sync()
         self._layer = None
         self._matrices = ()
         self._route.clear()
@@ -129,9 +132,16 @@ class KMLPCPUInfer(BaseInjectedModule):
                 self._route[tokens] = route
         return route
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def submit(self, x: torch.Tensor) -> None:
+        """Queue the MLP of `x` [..., H] on the pool; returns before it is computed.
+
+        What lets a MoE block start the shared experts before it routes (`sync` collects
+        them): the engine computes while Python does the routing.
+        """
         if self._layer is None:
             raise RuntimeError(f"KMLPCPUInfer at {self.key} used before load()")
+        if self._inflight is not None:
+            raise RuntimeError(f"KMLPCPUInfer.submit() at {self.key} while a previous submit() awaits its sync()")
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"KMLPCPUInfer at {self.key}: input has {x.shape[-1]} features, expected {self.hidden_size}")
         rows = engine_rows(x, self.hidden_size)  # the model's dtype: the engine widens and rounds itself
@@ -140,8 +150,23 @@ class KMLPCPUInfer(BaseInjectedModule):
         out = torch.empty(tokens, self.hidden_size, dtype=rows.dtype)
         kind = ENGINE_DTYPES[rows.dtype]
         self._layer.submit(rows.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.data_ptr(), tokens, 1, kind, kind)
-        self._layer.sync()
+        # The engine reads rows and writes out until sync(): keep them alive.
+        self._inflight = (rows, ids, weights, out, x)
+
+    def sync(self) -> torch.Tensor:
+        """Wait for the last `submit` and return the MLP's output in the input's shape, device and dtype."""
+        if self._inflight is None or self._layer is None:
+            raise RuntimeError(f"KMLPCPUInfer.sync() at {self.key} without a submit()")
+        out, x = self._inflight[3], self._inflight[4]
+        try:
+            self._layer.sync()
+        finally:
+            self._inflight = None
         return out.view(*x.shape).to(device=x.device, dtype=x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.submit(x)
+        return self.sync()
 
     def extra_repr(self) -> str:
         return (
