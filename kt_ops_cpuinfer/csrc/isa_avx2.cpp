@@ -19,10 +19,10 @@ namespace isa_avx2 {
 #include "kernels_dtype.inc"
 #include "kernels_norm.inc"
 #include "simd_avx2.inc"
-#define KT_ISA_HAS_Q45K_KERNELS
+#define KT_ISA_HAS_KQUANT_KERNELS
 #include "kernels_quant.inc"
-#include "kernels_q45k_avx2.inc"
-#undef KT_ISA_HAS_Q45K_KERNELS
+#include "kernels_kquant_avx2.inc"
+#undef KT_ISA_HAS_KQUANT_KERNELS
 #include "kernels_float_avx2.inc"
 #include "kernels_attention.inc"
 #include "kernels_driver.inc"
