@@ -5,8 +5,8 @@ transformers' blocks call router, shared expert and experts one after another. W
 these blocks *start* the routed experts, compute the shared expert while they run (the
 CPU engine works asynchronously), then wait for them: the overlap KTransformers got from
 its ``KQwen2MoeSparseMoeBlock``. A shared expert that is asynchronous itself
-(``KMLPCPUInfer``) is started even before routing (`kt_core.moe.overlap_experts`). With a plain transformers experts module they simply
-call it. Children (``experts``, ``shared_expert``, ``shared_expert_gate``) are called as
+(``KMLPCPUInfer``) is started even before routing (`kt_core.moe.overlap_experts`). With a
+plain transformers experts module they simply call it. Children (``experts``, ``shared_expert``, ``shared_expert_gate``) are called as
 modules, so rules may replace them; only the router weight is read here, because
 routing is part of the block.
 """

@@ -73,7 +73,7 @@ class KExpertsTorch(ExpertsBackend):
             if count == 0:
                 continue
             end = start + count
-            gate, up, down = (matmul_weight(weights[expert], count) for weights in (self.gate, self.up, self.down))
+            gate, up, down = (matmul_weight(stacked[expert], count) for stacked in (self.gate, self.up, self.down))
             seg = x[start:end].to(gate.dtype)
             h = self.act_fn(seg @ gate.T) * (seg @ up.T)
             y = (h @ down.T).to(compute) * w[start:end, None]
