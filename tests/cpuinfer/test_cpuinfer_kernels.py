@@ -3,8 +3,9 @@
 Tolerances are the derived bounds of `cpuinfer_refs` (activation quantization to 8 bits
 per block, bfloat16 rounding, float32 accumulation). Shapes cover the kernels' edges: row
 counts that are not multiples of anything, 1 to 19 tokens (token groups of 4, or 8 for
-the AVX2 K-quant kernel, and every remainder size of both), an odd number of 32-value
-blocks (the single-block tail), float rows with a scalar tail.
+the AVX2 K-quant and both Q8_0 kernels, and every remainder size of both), 19 Q8_0 blocks
+per row (two of the AVX-512 kernel's eight-block steps and a three-block tail), an odd
+number of 32-value blocks (the single-block tail), float rows with a scalar tail.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from cpuinfer_refs import (
 
 from kt_ops_cpuinfer import _engine
 
-COLS = {"F32": 100, "F16": 72, "BF16": 136, "Q4_0": 96, "Q5_0": 160, "Q8_0": 96, "Q4_K": 512, "Q5_K": 768, "Q6_K": 512}
+COLS = {"F32": 100, "F16": 72, "BF16": 136, "Q4_0": 96, "Q5_0": 160, "Q8_0": 608, "Q4_K": 512, "Q5_K": 768, "Q6_K": 512}
 ROWS = 13
 
 
