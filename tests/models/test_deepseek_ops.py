@@ -210,7 +210,8 @@ def test_attention_caches_exactly_the_transformers_latent(config_name, registry,
     [
         ("{}", ("amx_bf16",), torch.float32),
         ("{dtype: bfloat16}", (), torch.bfloat16),
-        ("{absorb_op: KHeadwiseLinearCPUInfer}", ("avx512_bf16",), torch.bfloat16),
+        ("{absorb_op: KHeadwiseLinearCPUInfer}", ("avx512_bf16", "amx_bf16"), torch.bfloat16),
+        ("{absorb_op: KHeadwiseLinearCPUInfer}", ("avx512_bf16",), torch.float32),
         ("{absorb_op: KHeadwiseLinearCPUInfer}", ("avx2",), torch.float32),
     ],
 )
@@ -220,8 +221,9 @@ def test_absorbed_weights_are_float32_on_the_cpu_unless_a_dtype_is_given(
     """On the CPU the absorbed halves default to float32 even in a bfloat16 model (torch's
     one-row bfloat16 batched matmuls are ~10x slower there); the `dtype` kwarg overrides.
     With a per-head backend they serve only long prefills' expanded form: the model's dtype
-    where the CPU has bfloat16 dot products, float32 where torch's bfloat16 matmuls take
-    the slow generic path (`features` pretends which the CPU has)."""
+    where the CPU has AMX-BF16, float32 where torch's bfloat16 matmuls take the slow
+    generic path or AVX512-BF16 alone, slower than float32 too (`features` pretends which
+    the CPU has)."""
     monkeypatch.setattr(cpu_matmul, "_cpu_capabilities", lambda: frozenset(features))
     model = make_model("v2-lite")
     previous = torch.get_default_dtype()

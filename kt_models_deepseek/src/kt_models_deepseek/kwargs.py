@@ -39,8 +39,9 @@ class MLAAttentionKwargs(OperatorKwargs):
             "Dtype of the absorbed kv_b_proj weights and their matmuls. When omitted: float32 on the "
             "CPU (torch's bfloat16 batched matmuls with one query row are ~10x slower there), "
             "torch's default dtype on other devices; with absorb_op (the halves then serve only "
-            "the expanded form of long prefills) the model's dtype on a CPU with bfloat16 dot products "
-            "(AVX512-BF16, AMX), float32 on one without, where torch's bfloat16 matmuls are ~13x slower."
+            "the expanded form of long prefills) the model's dtype where torch multiplies it at least as "
+            "fast as float32 (bfloat16: AMX-BF16), else float32 (bfloat16 ~13x slower without "
+            "bfloat16 dot products, 1.5-2x with AVX512-BF16 alone)."
         ),
     )
     absorb_op: str | None = Field(

@@ -207,10 +207,11 @@ class KDeepseekV2Attention(BaseInjectedModule):
         (1.8 ms against 0.19 ms per layer for DeepSeek-V2-Lite's W_UK product on this
         project's 2-core machines) — more than the MoE layer's experts take. With a per-head
         backend the halves serve only the expanded form of long prefills. Its large matmuls
-        are fast in bfloat16 where the CPU has bfloat16 dot products (AVX512-BF16, AMX), at
-        half float32's memory; without them they are ~13x slower than in float32 (103 against
-        8 ms per layer for a 128-token DeepSeek-V2-Lite prefill on the AVX2 machine), so the
-        halves are kept in float32 there (`cpu_matmul_dtype`).
+        are fast in bfloat16 where the CPU has AMX-BF16, at half float32's memory; without
+        bfloat16 dot products they are ~13x slower than in float32 (103 against 8 ms per
+        layer for a 128-token DeepSeek-V2-Lite prefill on the AVX2 machine), and with
+        AVX512-BF16 alone 1.5-2x slower, so the halves are kept in float32 there
+        (`cpu_matmul_dtype`).
         """
         if self.dtype_name is not None:
             return getattr(torch, self.dtype_name)
