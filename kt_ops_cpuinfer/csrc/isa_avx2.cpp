@@ -19,13 +19,9 @@ namespace isa_avx2 {
 #include "kernels_dtype.inc"
 #include "kernels_norm.inc"
 #include "simd_avx2.inc"
-#define KT_ISA_HAS_KQUANT_KERNELS
-#define KT_ISA_HAS_Q8_0_KERNEL
 #include "kernels_quant.inc"
 #include "kernels_kquant_avx2.inc"
 #include "kernels_q8_0_avx2.inc"
-#undef KT_ISA_HAS_KQUANT_KERNELS
-#undef KT_ISA_HAS_Q8_0_KERNEL
 #include "kernels_float_avx2.inc"
 #include "kernels_attention.inc"
 #include "kernels_driver.inc"

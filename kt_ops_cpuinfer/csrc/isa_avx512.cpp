@@ -19,10 +19,9 @@ namespace isa_avx512 {
 #include "kernels_dtype.inc"
 #include "kernels_norm.inc"
 #include "simd_avx512.inc"
-#define KT_ISA_HAS_Q8_0_KERNEL
 #include "kernels_quant.inc"
+#include "kernels_kquant_avx512.inc"
 #include "kernels_q8_0_avx512.inc"
-#undef KT_ISA_HAS_Q8_0_KERNEL
 #include "kernels_float_avx512.inc"
 #include "kernels_attention.inc"
 #include "kernels_driver.inc"
