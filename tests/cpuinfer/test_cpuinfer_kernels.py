@@ -2,8 +2,8 @@
 
 Tolerances are the derived bounds of `cpuinfer_refs` (activation quantization to 8 bits
 per block, bfloat16 rounding, float32 accumulation). Shapes cover the kernels' edges: row
-counts that are not multiples of anything, 1 to 19 tokens (token groups of 4, or 8 for
-the AVX2 K-quant and both Q8_0 kernels, and every remainder size of both), 19 Q8_0 blocks
+counts that are not multiples of anything, 1 to 19 tokens (token groups of 4 for Q4_0/Q5_0
+and 8 for the Q8_0 and K-quant kernels of both paths, and every remainder size of both), 19 Q8_0 blocks
 per row (two of the AVX-512 kernel's eight-block steps and a three-block tail), an odd
 number of 32-value blocks (the single-block tail), float rows with a scalar tail.
 """
