@@ -38,8 +38,9 @@ AbsorbedMLA::AbsorbedMLA(std::shared_ptr<ThreadPool> pool, const KernelTable& ke
                          LinearOp* q_a, const NormWeight& q_a_norm, LinearOp* q, LinearOp* kv_a,
                          const NormWeight& kv_norm, LinearOp* uk, LinearOp* uv, LinearOp* o, RopeForm rope_form,
                          float scale)
-    : pool_(std::move(pool)), k_(kernels), d_(shape), q_a_(q_a), q_(q), kv_a_(kv_a), uk_(uk), uv_(uv), o_(o),
-      q_a_norm_(q_a_norm), kv_norm_(kv_norm), rope_form_(rope_form), scale_(scale), core_(pool_, kernels) {
+    : pool_(require_pool(std::move(pool), "AbsorbedMLA")), k_(kernels), d_(shape), q_a_(q_a), q_(q), kv_a_(kv_a),
+      uk_(uk), uv_(uv), o_(o), q_a_norm_(q_a_norm), kv_norm_(kv_norm), rope_form_(rope_form), scale_(scale),
+      core_(pool_, kernels), scratch_(pool_->scratch(), kSlots) {
     require(q_ && kv_a_ && uk_ && uv_ && o_, "every projection is needed");
     require(d_.heads > 0 && d_.nope > 0 && d_.latent > 0 && d_.v_dim > 0, "empty dimensions");
     require(d_.rope > 0 && d_.rope % 2 == 0 && d_.rope <= kMaxRope, "the rope dimension must be even and at most 256");
@@ -114,7 +115,7 @@ void AbsorbedMLA::token_step(int t, WType dtype, WType qt, const uint8_t* cos, c
                              const CachedRows& c_kv, const CachedRows& k_pe, int slot) {
     const MLAShape& d = d_;
     const size_t kv_row = static_cast<size_t>(t) * (d.latent + d.rope) * elt(dtype);
-    const uint8_t* kv = kv_out_.data() + kv_row;
+    const uint8_t* kv = scratch_.data(kKvOut) + kv_row;
     k_.rms_norm_row(kv, dtype, d.latent, kv_norm_.data, kv_norm_.type, kv_norm_.eps,
                     const_cast<uint8_t*>(c_kv.data) + static_cast<size_t>(slot) * c_kv.stride, c_kv.type);
 
@@ -131,9 +132,9 @@ void AbsorbedMLA::token_step(int t, WType dtype, WType qt, const uint8_t* cos, c
     k_.narrow_row(y, d.rope, k_pe.type, const_cast<uint8_t*>(k_pe.data) + static_cast<size_t>(slot) * k_pe.stride);
 
     const size_t head_in = static_cast<size_t>(d.nope + d.rope) * elt(qt), nope_bytes = static_cast<size_t>(d.nope) * elt(qt);
-    const uint8_t* q = q_out_.data() + static_cast<size_t>(t) * d.heads * head_in;
-    uint8_t* nope = q_nope_.data() + static_cast<size_t>(t) * d.heads * nope_bytes;
-    float* pe = reinterpret_cast<float*>(q_pe_.data()) + static_cast<size_t>(t) * d.heads * d.rope;
+    const uint8_t* q = scratch_.data(kQOut) + static_cast<size_t>(t) * d.heads * head_in;
+    uint8_t* nope = scratch_.data(kQNope) + static_cast<size_t>(t) * d.heads * nope_bytes;
+    float* pe = reinterpret_cast<float*>(scratch_.data(kQPe)) + static_cast<size_t>(t) * d.heads * d.rope;
     for (int h = 0; h < d.heads; ++h) {
         std::memcpy(nope + h * nope_bytes, q + h * head_in, nope_bytes);
         k_.widen_row(q + h * head_in + nope_bytes, qt, d.rope, x);
@@ -154,27 +155,32 @@ void AbsorbedMLA::forward(const void* x, WType dtype, int tokens, const uint8_t*
     visible_.assign(visible, visible + tokens);
     for (int v : visible_) require(v >= 0 && v <= cache_rows, "visible keys out of range");
 
+    // Every op's borrowed buffers go back to the pool when the job is done or anything failed.
+    struct Release {
+        AbsorbedMLA& mla;
+        ~Release() { mla.release_scratch(); }
+    } release{*this};
     const WType qt = q_a_ != nullptr ? promoted(dtype, q_a_norm_.type) : dtype;
     const size_t T = static_cast<size_t>(tokens);
-    uint8_t* q_out = q_out_.reserve(T * d.heads * (d.nope + d.rope) * elt(qt));
-    uint8_t* kv_out = kv_out_.reserve(T * (d.latent + d.rope) * elt(dtype));
-    q_nope_.reserve(T * d.heads * d.nope * elt(qt));
-    q_pe_.reserve(T * d.heads * d.rope * 4);
-    float* q_latent = reinterpret_cast<float*>(q_latent_.reserve(T * d.heads * d.latent * 4));
-    float* latent_ctx = reinterpret_cast<float*>(latent_ctx_.reserve(T * d.heads * d.latent * 4));
-    uint8_t* ctx = ctx_.reserve(T * d.heads * d.v_dim * elt(dtype));
+    uint8_t* q_out = scratch_.get(kQOut, T * d.heads * (d.nope + d.rope) * elt(qt));
+    uint8_t* kv_out = scratch_.get(kKvOut, T * (d.latent + d.rope) * elt(dtype));
+    scratch_.get(kQNope, T * d.heads * d.nope * elt(qt));
+    scratch_.get(kQPe, T * d.heads * d.rope * 4);
+    float* q_latent = reinterpret_cast<float*>(scratch_.get(kQLatent, T * d.heads * d.latent * 4));
+    float* latent_ctx = reinterpret_cast<float*>(scratch_.get(kLatentCtx, T * d.heads * d.latent * 4));
+    uint8_t* ctx = scratch_.get(kCtx, T * d.heads * d.v_dim * elt(dtype));
 
     std::vector<Phase> phases, a, b;
     // 1. the projections of x: q (or q_a) and kv_a, side by side in the same two phases.
     LinearOp* first = q_a_ != nullptr ? q_a_ : q_;
     const int first_rows = first->rows();
-    uint8_t* first_out = q_a_ != nullptr ? qa_.reserve(T * first_rows * elt(dtype)) : q_out;
+    uint8_t* first_out = q_a_ != nullptr ? scratch_.get(kQa, T * first_rows * elt(dtype)) : q_out;
     first->append_phases(a, x, dtype, tokens, first_out, dtype, nullptr);
     kv_a_->append_phases(b, x, dtype, tokens, kv_out, dtype, nullptr);
     phases.push_back(merged(std::move(a[0]), std::move(b[0])));
     phases.push_back(merged(std::move(a[1]), std::move(b[1])));
     if (q_a_ != nullptr) {  // q_b(norm(q_a x))
-        uint8_t* normed = qa_normed_.reserve(T * first_rows * elt(qt));
+        uint8_t* normed = scratch_.get(kQaNormed, T * first_rows * elt(qt));
         const NormWeight nw = q_a_norm_;
         const KernelTable& k = k_;
         const size_t in_row = static_cast<size_t>(first_rows) * elt(dtype), out_row = static_cast<size_t>(first_rows) * elt(qt);
@@ -187,13 +193,20 @@ void AbsorbedMLA::forward(const void* x, WType dtype, int tokens, const uint8_t*
     // 2. per token: norm, rotary, cache rows, the per-head rows of q.
     phases.push_back({tokens, [=](int t, int) { token_step(t, dtype, qt, cos, sin, table_type, c_kv, k_pe, start + t); }});
     // 3. q_nope W_UK per head, the core over the cache, the latent context W_UV per head.
-    uk_->append_phases(phases, q_nope_.data(), qt, tokens, q_latent, WType::F32, nullptr);
-    core_.append_phases(phases, q_latent, reinterpret_cast<const float*>(q_pe_.data()), tokens, d.heads, d.latent,
+    uk_->append_phases(phases, scratch_.data(kQNope), qt, tokens, q_latent, WType::F32, nullptr);
+    core_.append_phases(phases, q_latent, reinterpret_cast<const float*>(scratch_.data(kQPe)), tokens, d.heads, d.latent,
                         d.rope, c_kv, k_pe, cache_rows, visible_.data(), scale_, latent_ctx);
     uv_->append_phases(phases, latent_ctx, WType::F32, tokens, ctx, dtype, nullptr);
     // 4. o_proj on the context rounded to the model's dtype.
     o_->append_phases(phases, ctx, dtype, tokens, out, dtype, nullptr);
     pool_->submit(std::move(phases))->wait();
+}
+
+void AbsorbedMLA::release_scratch() {
+    for (LinearOp* op : {q_a_, q_, kv_a_, uk_, uv_, o_})
+        if (op != nullptr) op->release_scratch();
+    core_.release_scratch();
+    scratch_.release();
 }
 
 }  // namespace kt

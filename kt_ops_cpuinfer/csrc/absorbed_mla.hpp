@@ -19,7 +19,7 @@
 #include <memory>
 #include <vector>
 
-#include "aligned_buffer.hpp"
+#include "scratch_pool.hpp"
 #include "engine_types.hpp"
 #include "kernel_table.hpp"
 #include "latent_attention.hpp"
@@ -64,6 +64,8 @@ public:
                  void* out);
 
 private:
+    // Give this call's buffers (its own, its ops', the core's) back to the pool.
+    void release_scratch();
     void rotate(const float* x, const float* cos, const float* sin, WType dtype, float* out) const;
     // qt: the dtype of q's rows (the model's, or q_a's norm's output with q_lora).
     void token_step(int t, WType dtype, WType qt, const uint8_t* cos, const uint8_t* sin, WType table_type,
@@ -77,9 +79,10 @@ private:
     RopeForm rope_form_;
     float scale_;
     LatentAttention core_;
-    // Per-call scratch: q_a rows (and normed), q and kv_a outputs, q_nope rows, q_pe rows,
-    // q_latent, the latent context, the value context; all sized on first use.
-    AlignedBuffer qa_, qa_normed_, q_out_, kv_out_, q_nope_, q_pe_, q_latent_, latent_ctx_, ctx_;
+    // Per-call scratch, borrowed from the pool for the call: q_a rows (and normed), q and kv_a
+    // outputs, q_nope rows, q_pe rows, q_latent, the latent context, the value context.
+    enum Slot { kQa, kQaNormed, kQOut, kKvOut, kQNope, kQPe, kQLatent, kLatentCtx, kCtx, kSlots };
+    ScratchLease scratch_;
     std::vector<int32_t> visible_;
 };
 

@@ -156,7 +156,11 @@ PYBIND11_MODULE(_engine, m) {
     py::class_<ThreadPool, std::shared_ptr<ThreadPool>>(m, "ThreadPool")
         .def(py::init<int>(), py::arg("threads"))
         .def_property_readonly("threads", &ThreadPool::threads)
-        .def_property_readonly("jobs_completed", &ThreadPool::jobs_completed);
+        .def_property_readonly("jobs_completed", &ThreadPool::jobs_completed)
+        .def_property_readonly("scratch_bytes", [](ThreadPool& self) { return self.scratch().bytes(); },
+                               "Bytes of the working buffers the pool's ops borrow (lent out or free).")
+        .def("release_scratch", [](ThreadPool& self) { self.scratch().release_free(); },
+             "Free the working buffers no call holds now (a long prompt's, say); later calls make them again.");
 
     m.def("stream_read", [](ThreadPool& pool, uintptr_t data, size_t bytes) {
         py::gil_scoped_release release;
@@ -184,8 +188,7 @@ PYBIND11_MODULE(_engine, m) {
         .def("sync", &MoELayer::sync, py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("done", &MoELayer::done)
         .def_property_readonly("pending", &MoELayer::pending)
-        .def_property_readonly("isa", [](const MoELayer& self) { return std::string(self.isa()); })
-        .def_property_readonly("scratch_bytes", &MoELayer::scratch_bytes);
+        .def_property_readonly("isa", [](const MoELayer& self) { return std::string(self.isa()); });
 
     py::class_<LinearOp>(m, "Linear")
         .def(py::init([](std::shared_ptr<ThreadPool> pool, const std::string& isa, const MatrixSpec& weight,

@@ -17,13 +17,15 @@ constexpr int kRowBlock = 16;        // query rows handed to a kernel call toget
 }  // namespace
 
 LatentAttention::LatentAttention(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels)
-    : pool_(std::move(pool)), k_(kernels) {
-    if (!pool_) throw std::invalid_argument("LatentAttention needs a thread pool");
-}
+    : pool_(require_pool(std::move(pool), "LatentAttention")), k_(kernels), scratch_(pool_->scratch(), 1) {}
 
 void LatentAttention::forward(const float* q_latent, const float* q_pe, int queries, int heads, int latent, int rope,
                               const CachedRows& c_kv, const CachedRows& k_pe, int keys, const int32_t* visible,
                               float scale, float* out) {
+    struct Release {  // the scores go back when the job is done or anything failed
+        LatentAttention& core;
+        ~Release() { core.release_scratch(); }
+    } release{*this};
     std::vector<Phase> phases;
     append_phases(phases, q_latent, q_pe, queries, heads, latent, rope, c_kv, k_pe, keys, visible, scale, out);
     if (!phases.empty()) pool_->submit(std::move(phases))->wait();
@@ -43,8 +45,7 @@ void LatentAttention::append_phases(std::vector<Phase>& phases, const float* q_l
         used = std::max(used, static_cast<int>(visible[s]));
     }
     const size_t stride = static_cast<size_t>(std::max(used, 1));
-    scores_.resize(static_cast<size_t>(rows) * stride);
-    float* scores = scores_.data();
+    float* scores = reinterpret_cast<float*>(scratch_.get(0, static_cast<size_t>(rows) * stride * sizeof(float)));
     const KernelTable& k = k_;
 
     phases.push_back({(used + kKeysPerTask - 1) / kKeysPerTask, [=, &k](int task, int) {

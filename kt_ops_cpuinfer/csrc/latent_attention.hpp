@@ -16,6 +16,7 @@
 
 #include "engine_types.hpp"
 #include "kernel_table.hpp"
+#include "scratch_pool.hpp"
 #include "thread_pool.hpp"
 
 namespace kt {
@@ -37,16 +38,18 @@ public:
                  float* out);
     // The same computation as three phases appended to `phases` (scores, softmax, weighted
     // sum), for a job that chains it with other ops; every pointer must stay valid, and this
-    // object in no other job, until that job is done.
+    // object in no other job, until that job is done; then the job's owner calls release_scratch().
     void append_phases(std::vector<Phase>& phases, const float* q_latent, const float* q_pe, int queries, int heads,
                        int latent, int rope, const CachedRows& c_kv, const CachedRows& k_pe, int keys,
                        const int32_t* visible, float scale, float* out);
     const char* isa() const { return k_.isa; }
+    // Give the scores buffer of the last append_phases back to the pool.
+    void release_scratch() { scratch_.release(); }
 
 private:
     std::shared_ptr<ThreadPool> pool_;
     const KernelTable& k_;
-    std::vector<float> scores_;
+    ScratchLease scratch_;  // one slot: the scores [queries * heads, keys seen], float32
 };
 
 }  // namespace kt

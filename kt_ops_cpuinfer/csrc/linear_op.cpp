@@ -10,8 +10,8 @@
 namespace kt {
 
 LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels, const MatrixView& weight, int groups)
-    : pool_(std::move(pool)), k_(kernels), w_(weight), groups_(groups) {
-    if (!pool_) throw std::invalid_argument("LinearOp needs a thread pool");
+    : pool_(require_pool(std::move(pool), "LinearOp")), k_(kernels), w_(weight), groups_(groups),
+      scratch_(pool_->scratch(), kSlots) {
     if (w_.data == nullptr || w_.rows < 1 || w_.cols < 1) throw std::invalid_argument("LinearOp: empty weight");
     if (groups_ < 1) throw std::invalid_argument("LinearOp: groups must be at least 1");
     const WTypeInfo& info = wtype_info(w_.type);
@@ -25,6 +25,10 @@ LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels,
 void LinearOp::forward(const void* x, WType x_type, int tokens, void* out, WType out_type, const float* bias) {
     if (tokens <= 0) return;
     std::vector<Phase> phases;
+    struct Release {  // the buffers go back when the job is done or anything failed
+        LinearOp& op;
+        ~Release() { op.release_scratch(); }
+    } release{*this};
     append_phases(phases, x, x_type, tokens, out, out_type, bias);
     pool_->submit(std::move(phases))->wait();
 }
@@ -35,13 +39,13 @@ void LinearOp::append_phases(std::vector<Phase>& phases, const void* x, WType x_
     if (bias != nullptr && groups_ != 1) throw std::invalid_argument("LinearOp: a bias needs a single group");
     const int groups = groups_, cols = w_.cols, nrows = w_.rows;
     const int in_rows = tokens * groups;  // token t's group g input is quantized row t * groups + g
-    uint8_t* xq = xq_.reserve(static_cast<size_t>(in_rows) * act_row_);
+    uint8_t* xq = scratch_.get(kQuantized, static_cast<size_t>(in_rows) * act_row_);
     // A 16-bit input is widened row by row into float32 scratch, then quantized like a float32 one.
     float* xf = x_type == WType::F32 ? nullptr
-                                     : reinterpret_cast<float*>(xf_.reserve(static_cast<size_t>(in_rows) * cols * 4));
+                                     : reinterpret_cast<float*>(scratch_.get(kWidened, static_cast<size_t>(in_rows) * cols * 4));
     const size_t out_stride = static_cast<size_t>(groups) * nrows;
     float* y = out_type == WType::F32 ? static_cast<float*>(out)
-                                      : reinterpret_cast<float*>(yf_.reserve(static_cast<size_t>(tokens) * out_stride * 4));
+                                      : reinterpret_cast<float*>(scratch_.get(kResults, static_cast<size_t>(tokens) * out_stride * 4));
     const size_t in_elt = wtype_info(x_type).block_bytes, out_elt = wtype_info(out_type).block_bytes;
     // The kernel takes one activation pointer per token; group g's list starts at g * tokens.
     rows_.resize(static_cast<size_t>(in_rows));

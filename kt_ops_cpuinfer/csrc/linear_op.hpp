@@ -5,14 +5,14 @@
 // engine (lm_head, shared experts, dense MLPs) and for MLA's absorbed per-head products,
 // whose sixteen-odd small matrices are one task list here instead of sixteen calls. It
 // runs synchronously on the pool: the input rows are quantized in one phase, then row
-// blocks of each group's W are tasks, each doing all tokens. Like MoELayer, each op owns
-// its scratch.
+// blocks of each group's W are tasks, each doing all tokens. Its working buffers are
+// borrowed from the pool's scratch for the call.
 #pragma once
 
 #include <memory>
 #include <vector>
 
-#include "aligned_buffer.hpp"
+#include "scratch_pool.hpp"
 #include "engine_types.hpp"
 #include "kernel_table.hpp"
 #include "thread_pool.hpp"
@@ -30,9 +30,12 @@ public:
     void forward(const void* x, WType x_type, int tokens, void* out, WType out_type, const float* bias);
     // The same computation as two phases (quantize the inputs, then the row blocks) appended
     // to `phases`, for a job that chains it with other ops (AbsorbedMLA). x, out and bias
-    // must stay valid, and this op in no other job, until that job is done.
+    // must stay valid, and this op in no other job, until that job is done; then the job's
+    // owner calls release_scratch().
     void append_phases(std::vector<Phase>& phases, const void* x, WType x_type, int tokens, void* out, WType out_type,
                        const float* bias);
+    // Give the buffers of the last append_phases back to the pool.
+    void release_scratch() { scratch_.release(); }
     const char* isa() const { return k_.isa; }
     int groups() const { return groups_; }
     int rows() const { return w_.rows; }  // outputs of one group
@@ -45,9 +48,10 @@ private:
     int groups_;
     ActKind act_;
     size_t act_row_;
-    AlignedBuffer xq_;
-    AlignedBuffer xf_;  // input rows widened to float32 (16-bit inputs)
-    AlignedBuffer yf_;  // float32 results before they are rounded to a 16-bit output
+    // Slots: kQuantized input rows, kWidened (16-bit inputs as float32), kResults (float32
+    // results before they are rounded to a 16-bit output).
+    enum Slot { kQuantized, kWidened, kResults, kSlots };
+    ScratchLease scratch_;
     std::vector<const uint8_t*> rows_;
 };
 

@@ -41,9 +41,8 @@ int rows_per_task(int rows, int parts, int threads) {
 
 MoELayer::MoELayer(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels, int experts, int hidden,
                    int intermediate, const MatrixView& gate, const MatrixView& up, const MatrixView& down, ActFn act)
-    : pool_(std::move(pool)), k_(kernels), E_(experts), H_(hidden), I_(intermediate), gate_(gate), up_(up),
-      down_(down), act_(act) {
-    if (!pool_) throw std::invalid_argument("MoELayer needs a thread pool");
+    : pool_(require_pool(std::move(pool), "MoELayer")), k_(kernels), E_(experts), H_(hidden), I_(intermediate),
+      gate_(gate), up_(up), down_(down), act_(act), scratch_(pool_->scratch(), kSlots) {
     if (E_ < 1 || H_ < 1 || I_ < 1) throw std::invalid_argument("MoELayer: sizes must be positive");
     check_matrix(gate_, "gate_proj", I_, H_);
     check_matrix(up_, "up_proj", I_, H_);
@@ -68,10 +67,6 @@ MoELayer::~MoELayer() {
     }
 }
 
-size_t MoELayer::scratch_bytes() const {
-    return xg_.capacity() + xu_.capacity() + h_.capacity() + hq_.capacity() + y_.capacity() + scratch_.capacity();
-}
-
 void MoELayer::plan(const int64_t* ids, const float* weights, int tokens, int top_k) {
     T_ = tokens;
     K_ = top_k;
@@ -91,11 +86,11 @@ void MoELayer::plan(const int64_t* ids, const float* weights, int tokens, int to
 
     // Buffers first, so the pointer tables below point into their final storage.
     const bool shared_x = act_up_ == act_gate_;
-    uint8_t* xg = xg_.reserve(std::max<size_t>(1, static_cast<size_t>(T_) * xg_row_));
-    uint8_t* xu = shared_x ? xg : xu_.reserve(std::max<size_t>(1, static_cast<size_t>(T_) * xu_row_));
-    h_.reserve(std::max<size_t>(1, static_cast<size_t>(P_) * static_cast<size_t>(I_) * 4));
-    uint8_t* hq = hq_.reserve(std::max<size_t>(1, static_cast<size_t>(P_) * hq_row_));
-    y_.reserve(std::max<size_t>(1, static_cast<size_t>(P_) * static_cast<size_t>(H_) * 4));
+    uint8_t* xg = scratch_.get(kGateIn, std::max<size_t>(1, static_cast<size_t>(T_) * xg_row_));
+    uint8_t* xu = shared_x ? xg : scratch_.get(kUpIn, std::max<size_t>(1, static_cast<size_t>(T_) * xu_row_));
+    scratch_.get(kHidden, std::max<size_t>(1, static_cast<size_t>(P_) * static_cast<size_t>(I_) * 4));
+    uint8_t* hq = scratch_.get(kHiddenQ, std::max<size_t>(1, static_cast<size_t>(P_) * hq_row_));
+    scratch_.get(kPairOut, std::max<size_t>(1, static_cast<size_t>(P_) * static_cast<size_t>(H_) * 4));
 
     pair_token_.resize(static_cast<size_t>(P_));
     pair_weight_.resize(static_cast<size_t>(P_));
@@ -129,7 +124,7 @@ void MoELayer::plan(const int64_t* ids, const float* weights, int tokens, int to
     chunks_h_ = (H_ + chunk_h_ - 1) / chunk_h_;
     combine_cols_ = std::min(H_, 512);  // combine() sums in a local buffer of this size
     combine_col_chunks_ = (H_ + combine_cols_ - 1) / combine_cols_;
-    scratch_.reserve(static_cast<size_t>(threads) * kTokenGroup * static_cast<size_t>(chunk_i_) * 4);
+    scratch_.get(kUp, static_cast<size_t>(threads) * kTokenGroup * static_cast<size_t>(chunk_i_) * 4);
 }
 
 void MoELayer::submit(const void* x, WType x_type, const int64_t* ids, const float* weights, void* out, WType out_type,
@@ -140,22 +135,31 @@ void MoELayer::submit(const void* x, WType x_type, const int64_t* ids, const flo
     out_ = out;
     x_type_ = x_type;
     out_type_ = out_type;
-    if (x_type != WType::F32) xf_.reserve(static_cast<size_t>(std::max(tokens, 1)) * static_cast<size_t>(H_) * 4);
-    plan(ids, weights, tokens, top_k);
-    const int nactive = static_cast<int>(active_.size());
-    std::vector<Phase> phases;
-    phases.push_back({P_ > 0 ? T_ : 0, [this](int t, int) { quantize_inputs(t); }});
-    phases.push_back({nactive * chunks_i_, [this](int task, int worker) { gate_up(task, worker); }});
-    phases.push_back({P_, [this](int p, int) { quantize_hidden(p); }});
-    phases.push_back({nactive * chunks_h_, [this](int task, int) { down(task); }});
-    phases.push_back({T_ * combine_col_chunks_, [this](int task, int) { combine(task); }});
-    job_ = pool_->submit(std::move(phases));
+    try {
+        if (x_type != WType::F32) scratch_.get(kWidened, static_cast<size_t>(std::max(tokens, 1)) * static_cast<size_t>(H_) * 4);
+        plan(ids, weights, tokens, top_k);
+        const int nactive = static_cast<int>(active_.size());
+        std::vector<Phase> phases;
+        phases.push_back({P_ > 0 ? T_ : 0, [this](int t, int) { quantize_inputs(t); }});
+        phases.push_back({nactive * chunks_i_, [this](int task, int worker) { gate_up(task, worker); }});
+        phases.push_back({P_, [this](int p, int) { quantize_hidden(p); }});
+        phases.push_back({nactive * chunks_h_, [this](int task, int) { down(task); }});
+        phases.push_back({T_ * combine_col_chunks_, [this](int task, int) { combine(task); }});
+        job_ = pool_->submit(std::move(phases));
+    } catch (...) {
+        scratch_.release();
+        throw;
+    }
 }
 
 void MoELayer::sync() {
     if (!job_) throw std::runtime_error("sync() without a pending submit()");
     std::shared_ptr<Job> job = std::move(job_);
     job_.reset();
+    struct Release {  // the buffers go back when the work is done, or failed
+        ScratchLease& scratch;
+        ~Release() { scratch.release(); }
+    } release{scratch_};
     job->wait();
 }
 
@@ -163,20 +167,20 @@ void MoELayer::quantize_inputs(int t) {
     const size_t at = static_cast<size_t>(t) * static_cast<size_t>(H_);
     const float* x = static_cast<const float*>(x_) + at;
     if (x_type_ != WType::F32) {
-        float* wide = reinterpret_cast<float*>(xf_.data()) + at;
+        float* wide = reinterpret_cast<float*>(scratch_.data(kWidened)) + at;
         k_.widen_row(static_cast<const uint8_t*>(x_) + at * wtype_info(x_type_).block_bytes, x_type_, H_, wide);
         x = wide;
     }
-    k_.quantize_row(act_gate_, x, H_, xg_.data() + static_cast<size_t>(t) * xg_row_);
-    if (act_up_ != act_gate_) k_.quantize_row(act_up_, x, H_, xu_.data() + static_cast<size_t>(t) * xu_row_);
+    k_.quantize_row(act_gate_, x, H_, scratch_.data(kGateIn) + static_cast<size_t>(t) * xg_row_);
+    if (act_up_ != act_gate_) k_.quantize_row(act_up_, x, H_, scratch_.data(kUpIn) + static_cast<size_t>(t) * xu_row_);
 }
 
 void MoELayer::gate_up(int task, int worker) {
     const int e = active_[static_cast<size_t>(task / chunks_i_)];
     const int r0 = (task % chunks_i_) * chunk_i_;
     const int nr = std::min(chunk_i_, I_ - r0);
-    float* h = reinterpret_cast<float*>(h_.data());
-    float* u = reinterpret_cast<float*>(scratch_.data()) + static_cast<size_t>(worker) * kTokenGroup * chunk_i_;
+    float* h = reinterpret_cast<float*>(scratch_.data(kHidden));
+    float* u = reinterpret_cast<float*>(scratch_.data(kUp)) + static_cast<size_t>(worker) * kTokenGroup * chunk_i_;
     const int first = offsets_[static_cast<size_t>(e)], count = counts_[static_cast<size_t>(e)];
     for (int g = 0; g < count; g += kTokenGroup) {
         const int n = std::min(kTokenGroup, count - g);
@@ -195,8 +199,8 @@ void MoELayer::gate_up(int task, int worker) {
 }
 
 void MoELayer::quantize_hidden(int p) {
-    const float* h = reinterpret_cast<const float*>(h_.data()) + static_cast<size_t>(p) * static_cast<size_t>(I_);
-    k_.quantize_row(act_down_, h, I_, hq_.data() + static_cast<size_t>(p) * hq_row_);
+    const float* h = reinterpret_cast<const float*>(scratch_.data(kHidden)) + static_cast<size_t>(p) * static_cast<size_t>(I_);
+    k_.quantize_row(act_down_, h, I_, scratch_.data(kHiddenQ) + static_cast<size_t>(p) * hq_row_);
 }
 
 void MoELayer::down(int task) {
@@ -204,7 +208,7 @@ void MoELayer::down(int task) {
     const int r0 = (task % chunks_h_) * chunk_h_;
     const int nr = std::min(chunk_h_, H_ - r0);
     const int first = offsets_[static_cast<size_t>(e)], count = counts_[static_cast<size_t>(e)];
-    float* y = reinterpret_cast<float*>(y_.data()) + static_cast<size_t>(first) * static_cast<size_t>(H_) + r0;
+    float* y = reinterpret_cast<float*>(scratch_.data(kPairOut)) + static_cast<size_t>(first) * static_cast<size_t>(H_) + r0;
     k_.gemm(down_.type, down_.row(e, r0), down_.row_stride, nr, I_, pair_hq_.data() + first, count, y,
             static_cast<size_t>(H_));
 }
@@ -217,7 +221,7 @@ void MoELayer::combine(int task) {
     float local[512];  // combine_cols_ <= 512: the sums before a 16-bit output is rounded
     float* out = out_type_ == WType::F32 ? static_cast<float*>(out_) + at : local;
     for (int c = 0; c < nc; ++c) out[c] = 0.0f;
-    const float* y = reinterpret_cast<const float*>(y_.data());
+    const float* y = reinterpret_cast<const float*>(scratch_.data(kPairOut));
     for (int k = 0; k < K_; ++k) {
         const int p = token_pairs_[static_cast<size_t>(t) * static_cast<size_t>(K_) + static_cast<size_t>(k)];
         if (p < 0) continue;

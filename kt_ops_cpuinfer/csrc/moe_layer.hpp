@@ -9,15 +9,16 @@
 //   4. down projection per (expert, block of hidden rows) task;
 //   5. weighted sum of each token's expert outputs (masked slots, id < 0 or >= E, skipped).
 // Tiling over experts x rows keeps both decode (one token, ~6 experts: many row blocks per
-// expert) and prefill (many tokens per expert) spread over all threads. All buffers belong
-// to the layer, so layers can be queued on one pool without interfering.
+// expert) and prefill (many tokens per expert) spread over all threads. The working
+// buffers are borrowed from the pool's scratch from submit() to sync(), so layers queued
+// on one pool never share them, and a layer holds none between calls.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <vector>
 
-#include "aligned_buffer.hpp"
+#include "scratch_pool.hpp"
 #include "engine_types.hpp"
 #include "kernel_table.hpp"
 #include "thread_pool.hpp"
@@ -43,7 +44,6 @@ public:
     bool pending() const { return job_ != nullptr; }
     bool done() const { return job_ == nullptr || job_->done(); }
     const char* isa() const { return k_.isa; }
-    size_t scratch_bytes() const;
 
 private:
     void plan(const int64_t* ids, const float* weights, int tokens, int top_k);
@@ -71,8 +71,11 @@ private:
     std::vector<const uint8_t*> pair_xg_, pair_xu_, pair_hq_;
     int chunk_i_ = 0, chunks_i_ = 0, chunk_h_ = 0, chunks_h_ = 0, combine_cols_ = 0, combine_col_chunks_ = 0;
 
-    AlignedBuffer xg_, xu_, h_, hq_, y_, scratch_;
-    AlignedBuffer xf_;  // 16-bit input rows widened to float32
+    // The current call's buffers: inputs quantized for gate (kGateIn) and up (kUpIn), 16-bit
+    // inputs widened to float32 (kWidened), the pairs' hidden rows in float32 (kHidden) and
+    // quantized for down (kHiddenQ), the pairs' outputs (kPairOut), per-worker up results (kUp).
+    enum Slot { kGateIn, kUpIn, kWidened, kHidden, kHiddenQ, kPairOut, kUp, kSlots };
+    ScratchLease scratch_;
     std::shared_ptr<Job> job_;
 };
 

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <stdexcept>
+#include <string>
 #include <utility>
 
 namespace kt {
@@ -166,6 +167,11 @@ void ThreadPool::finish_job(Job& job) {
     }
     cv_.notify_all();  // workers waiting for the next job re-check the queue front
     completed_.fetch_add(1, std::memory_order_acq_rel);
+}
+
+std::shared_ptr<ThreadPool> require_pool(std::shared_ptr<ThreadPool> pool, const char* op) {
+    if (!pool) throw std::invalid_argument(std::string(op) + " needs a thread pool");
+    return pool;
 }
 
 }  // namespace kt

@@ -11,8 +11,9 @@
 // Why persistent and asynchronous: decode calls the engine once per layer per token, so
 // thread start-up must not be paid per call, and `submit` must return at once so the
 // caller can compute the shared experts while the workers run. Jobs from different layers
-// queue up in order; each job has its own completion state, so layers never share
-// buffers or wait on each other's results. Idle workers sleep on a condition variable.
+// queue up in order; each job has its own completion state, so layers never wait on each
+// other's results. Idle workers sleep on a condition variable. The ops' working buffers
+// come from the pool's `ScratchPool`, lent for one call each (see scratch_pool.hpp).
 //
 // Why the waiting caller computes: a pool of N threads is N-1 workers plus whichever
 // thread waits for a job (`Job::wait`), which runs queued jobs' tasks as thread 0 until
@@ -28,11 +29,14 @@
 #include <cstdint>
 #include <deque>
 #include <exception>
+#include <stdexcept>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include "scratch_pool.hpp"
 
 namespace kt {
 
@@ -84,6 +88,9 @@ public:
     // Jobs finished since the pool started (an engine-side progress counter).
     uint64_t jobs_completed() const { return completed_.load(std::memory_order_acquire); }
 
+    // The working buffers the ops on this pool borrow for their calls.
+    ScratchPool& scratch() { return scratch_; }
+
 private:
     friend class Job;
     void help(Job& job);
@@ -102,6 +109,11 @@ private:
     std::atomic<uint64_t> completed_{0};
     uint64_t next_seq_ = 0;
     bool stop_ = false;
+    ScratchPool scratch_;
 };
+
+// `pool`, or std::invalid_argument naming `op` when it is null: for the initializer lists of
+// ops whose later members (their scratch lease) need the pool.
+std::shared_ptr<ThreadPool> require_pool(std::shared_ptr<ThreadPool> pool, const char* op);
 
 }  // namespace kt

@@ -17,12 +17,14 @@ from those two sources instead of a guessed tolerance:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 
 import gguf
 import numpy as np
 import torch
 
+from kt_core.backends import BackendMemory
 from kt_core.quant.quantize import quantize
 from kt_core.weights.source import MissingTensorError, RawTensor, TensorInfo
 from kt_ops_cpuinfer import _engine, supported_isas
@@ -33,6 +35,12 @@ ISAS = supported_isas()
 QUANT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 FLOAT_TYPES = ("F32", "F16", "BF16")
 SILU_LIPSCHITZ = 1.0999  # max |silu'(x)| = 1.0998... (at x ~ 2.4)
+
+
+def own_memory(backend: object) -> BackendMemory:
+    """`backend.memory()` without the pool's shared working buffers (their size depends on
+    what ran before on the same pool, in this test or another)."""
+    return dataclasses.replace(backend.memory(), shared=())  # type: ignore[attr-defined]
 
 
 def block_size(ggml_type: str) -> int:

@@ -1,5 +1,5 @@
 """Asynchronous use of `KExpertsCPU`: submit returns at once, sync waits without the GIL,
-layers queue on one pool with their own buffers."""
+layers queue on one pool, each holding its borrowed buffers until its sync."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_submit_returns_before_the_work_is_done_and_sync_releases_the_gil():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_layers_queue_on_one_pool_and_keep_their_own_buffers():
+def test_layers_queue_on_one_pool_and_keep_their_buffers_apart():
     E, H, inter = 4, 64, 32
     a_src, _ = moe_source(("Q8_0", "Q8_0", "Q8_0"), E, H, inter, seed=1)
     b_src, _ = moe_source(("Q4_0", "Q8_0", "Q4_0"), E, H, inter, seed=2)

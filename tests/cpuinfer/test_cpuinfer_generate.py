@@ -37,6 +37,7 @@ from tiny_models import deepseek_v2_config, qwen2_moe_config, random_model
 from kt_core.cli.main import main
 from kt_core.demo.tokenizer import build_demo_tokenizer
 from kt_core.rules.shipped import find_rule_file
+from kt_ops_cpuinfer.pool import physical_cores
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 STEPS = 16
@@ -147,10 +148,14 @@ def test_bench_reports_the_engine_memory(tmp_path, tokenizer, capsys):
     bench = ["bench", "--rules", "deepseek-v2-lite-cpu", "--prompt-len", "8", "--gen-len", "2", "--json"]
 
     assert main([*bench, "--gguf", gguf]) == 0
-    engine = json.loads(capsys.readouterr().out)["memory"]["backends_mib"]["KExpertsCPU"]
+    memory = json.loads(capsys.readouterr().out)["memory"]
+    engine = memory["backends_mib"]["KExpertsCPU"]
     # Q8_0 stores 34 bytes per 32 values; the report rounds to 0.1 MiB.
     assert engine["mapped"] == pytest.approx(layers * expert_bytes * 34 / 32 / 2**20, abs=0.06)
-    assert engine["repacked"] == 0
+    assert engine["repacked"] == 0 and engine["scratch"] == 0
+    # The layers' working buffers are the pool's, reported once (not per layer or per class;
+    # a tiny model's round to 0.0 MiB).
+    assert list(memory["shared_mib"]) == [f"cpuinfer pool scratch ({physical_cores()} threads)"]
 
     assert main([*bench, "--model", str(tmp_path / "hf")]) == 0
     engine = json.loads(capsys.readouterr().out)["memory"]["backends_mib"]["KExpertsCPU"]

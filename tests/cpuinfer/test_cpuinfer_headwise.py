@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cpuinfer_refs import ISAS, BlockSource, block_size, dequantize, make_blocks, matmul_bound, type_size
+from cpuinfer_refs import (
+    ISAS,
+    BlockSource,
+    block_size,
+    dequantize,
+    make_blocks,
+    matmul_bound,
+    own_memory,
+    type_size,
+)
 from transformers import PretrainedConfig
 
 from kt_core.backends import BackendMemory
@@ -109,7 +118,7 @@ def test_stored_halves_are_used_in_place_and_match_the_per_head_reference(isa, g
     source = BlockSource({KEY: (ggml_type, (heads, out_f, in_f), blocks)})
     backend = _backend(source, heads, out_f, in_f, isa)
     assert backend.weight_type == ggml_type
-    assert backend.memory() == BackendMemory(mapped=blocks.nbytes)  # the stored blocks, no copy
+    assert own_memory(backend) == BackendMemory(mapped=blocks.nbytes)  # the stored blocks, no copy
     x = torch.randn(2, 3, heads, in_f, generator=gen)
     y = backend(x)
     assert y.shape == (2, 3, heads, out_f) and y.dtype == torch.float32
@@ -138,7 +147,7 @@ def test_a_source_without_the_halves_uses_the_fallback_as_a_counted_copy():
 
     backend = _backend(StateDictSource({}), heads, out_f, in_f, fallback=fallback)
     assert asked == [torch.float32] and backend.weight_type == "F32"
-    assert backend.memory() == BackendMemory(repacked=heads * out_f * in_f * 4)
+    assert own_memory(backend) == BackendMemory(repacked=heads * out_f * in_f * 4)
     x = torch.randn(5, heads, in_f)
     expected = torch.einsum("thi,hoi->tho", x, weight.to(torch.bfloat16).float())
     torch.testing.assert_close(backend(x), expected, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cpuinfer_refs import ISAS, BlockSource, dequantize, make_blocks, matmul_bound
+from cpuinfer_refs import ISAS, BlockSource, dequantize, make_blocks, matmul_bound, own_memory
 from pydantic import ValidationError
 from test_cpuinfer_moe import KEY, moe_config, moe_source
 from torch import nn
@@ -133,7 +133,7 @@ def test_linear_on_state_dict_and_transformed_weights():
     direct = KLinearCPUInfer("proj", StateDictSource({"proj.weight": weight}), PretrainedConfig(), module, "cpu")
     direct.load()
     assert direct.repacked_bytes == 0 and direct.weight_type == "F32"
-    assert direct.memory() == BackendMemory(mapped=48 * 64 * 4)  # what kt bench reports
+    assert own_memory(direct) == BackendMemory(mapped=48 * 64 * 4)  # what kt bench reports
     x = torch.randn(4, 64)
     torch.testing.assert_close(direct(x), x @ weight.T, rtol=1e-5, atol=1e-5)
 
@@ -146,7 +146,7 @@ def test_linear_on_state_dict_and_transformed_weights():
     moved = KLinearCPUInfer("proj", TransformedSource({"proj.weight": weight.half()}), PretrainedConfig(), module, "cpu")
     moved.load()
     assert moved.repacked_bytes == 48 * 64 * 4 and moved.weight_type == "F32"
-    assert moved.memory() == BackendMemory(repacked=48 * 64 * 4)
+    assert own_memory(moved) == BackendMemory(repacked=48 * 64 * 4)
     torch.testing.assert_close(moved(x), x @ weight.half().float().T, rtol=1e-5, atol=1e-5)
 
 

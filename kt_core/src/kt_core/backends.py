@@ -31,15 +31,24 @@ class BackendMemory:
     invisible to that walk, so `kt bench` asks each backend. `mapped` is file memory
     shared with the page cache (a GGUF's memory map, used in place), `repacked` memory
     the backend made at load because the stored layout could not be used as it is,
-    `scratch` its working buffers.
+    `scratch` its own working buffers. `shared` is memory several backends use together
+    (a native engine's pool of working buffers), as (name, bytes) pairs: every backend
+    using it reports it, and a sum counts each name once.
     """
 
     mapped: int = 0
     repacked: int = 0
     scratch: int = 0
+    shared: tuple[tuple[str, int], ...] = ()
 
     def __add__(self, other: BackendMemory) -> BackendMemory:
-        return BackendMemory(self.mapped + other.mapped, self.repacked + other.repacked, self.scratch + other.scratch)
+        shared = dict(self.shared)
+        for name, size in other.shared:
+            shared[name] = max(size, shared.get(name, 0))
+        return BackendMemory(
+            self.mapped + other.mapped, self.repacked + other.repacked, self.scratch + other.scratch,
+            tuple(sorted(shared.items())),
+        )
 
 
 class _Backend(nn.Module, abc.ABC):

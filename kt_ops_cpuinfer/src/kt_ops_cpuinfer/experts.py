@@ -22,7 +22,7 @@ from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.activation import activation_name
 from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES, engine_rows
 from kt_ops_cpuinfer.isa import current_isa
-from kt_ops_cpuinfer.pool import get_pool, require_cpu
+from kt_ops_cpuinfer.pool import get_pool, require_cpu, scratch_memory
 from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, row_slice, storage_problem
 
 
@@ -94,15 +94,13 @@ class KExpertsCPU(ExpertsBackend):
         self.repacked_bytes = 0
         self.loaded = False
 
-    @property
-    def scratch_bytes(self) -> int:
-        """Bytes of the layer's own engine buffers (grown to the largest batch seen, then reused)."""
-        return int(self._layer.scratch_bytes) if self._layer is not None else 0
-
     def memory(self) -> BackendMemory:
-        """Expert bytes used in place from the file's memory map, copies made at load, engine buffers."""
+        """Expert bytes used in place from the file's memory map, copies made at load, the pool's buffers."""
+        if self._layer is None:
+            return BackendMemory()
         return BackendMemory(
-            mapped=sum(m.mapped_bytes for m in self._matrices), repacked=self.repacked_bytes, scratch=self.scratch_bytes
+            mapped=sum(m.mapped_bytes for m in self._matrices), repacked=self.repacked_bytes,
+            shared=scratch_memory(get_pool(self.threads)),
         )
 
     @property

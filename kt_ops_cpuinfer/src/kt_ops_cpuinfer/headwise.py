@@ -31,7 +31,7 @@ from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.absorbed_mla import EngineAbsorbedAttention
 from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES, engine_rows
 from kt_ops_cpuinfer.isa import current_isa
-from kt_ops_cpuinfer.pool import get_pool, require_cpu
+from kt_ops_cpuinfer.pool import get_pool, require_cpu, scratch_memory
 from kt_ops_cpuinfer.weights import EngineMatrix, float32_matrix, read_matrix, storage_problem
 
 _CACHE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -91,7 +91,9 @@ class KHeadwiseLinearCPUInfer(HeadwiseLinearBackend):
     def memory(self) -> BackendMemory:
         if self._weight is None:
             return BackendMemory()
-        return BackendMemory(mapped=self._weight.mapped_bytes, repacked=self._weight.repacked_bytes)
+        return BackendMemory(
+            mapped=self._weight.mapped_bytes, repacked=self._weight.repacked_bytes, shared=scratch_memory(get_pool(self.threads))
+        )
 
     @property
     def weight_type(self) -> str | None:

@@ -19,7 +19,7 @@ from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES, engine_rows
 from kt_ops_cpuinfer.isa import current_isa
-from kt_ops_cpuinfer.pool import get_pool, require_cpu
+from kt_ops_cpuinfer.pool import get_pool, require_cpu, scratch_memory
 from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, storage_problem
 
 
@@ -80,7 +80,9 @@ class KLinearCPUInfer(LinearBackend):
         """Weight bytes used in place from the file's memory map, and copies made at load."""
         if self._weight is None:
             return BackendMemory()
-        return BackendMemory(mapped=self._weight.mapped_bytes, repacked=self.repacked_bytes)
+        return BackendMemory(
+            mapped=self._weight.mapped_bytes, repacked=self.repacked_bytes, shared=scratch_memory(get_pool(self.threads))
+        )
 
     @property
     def weight_type(self) -> str | None:

@@ -26,7 +26,7 @@ from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.activation import activation_name
 from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES, engine_rows
 from kt_ops_cpuinfer.isa import current_isa
-from kt_ops_cpuinfer.pool import get_pool, require_cpu
+from kt_ops_cpuinfer.pool import get_pool, require_cpu, scratch_memory
 from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, storage_problem
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -116,7 +116,7 @@ class KMLPCPUInfer(BaseInjectedModule):
         return BackendMemory(
             mapped=sum(m.mapped_bytes for m in self._matrices),
             repacked=sum(m.repacked_bytes for m in self._matrices),
-            scratch=int(self._layer.scratch_bytes),
+            shared=scratch_memory(get_pool(self.threads)),
         )
 
     @property

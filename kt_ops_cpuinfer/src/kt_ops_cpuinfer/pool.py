@@ -5,8 +5,9 @@ waits for a job (`sync`, or a synchronous call), which runs queued tasks while i
 instead of sleeping; so a synchronous call starts at once and the machine never runs more
 compute threads than `threads`. Every layer that asks for the same thread count gets the
 same pool, so a model with 60 MoE layers runs on `threads` threads, not 60 times as many;
-each layer still owns its buffers, and jobs of different layers run one after the other
-in submission order.
+jobs of different layers run one after the other in submission order. The layers' working
+buffers are the pool's too, lent to each call (`scratch_memory`), so a long prompt leaves
+one set of them behind, not one per layer.
 """
 
 from __future__ import annotations
@@ -51,6 +52,23 @@ def get_pool(threads: int | None = None) -> _engine.ThreadPool:
         if pool is None:
             pool = _pools[count] = _engine.ThreadPool(count)
         return pool
+
+
+def scratch_memory(pool: _engine.ThreadPool) -> tuple[tuple[str, int], ...]:
+    """The pool's working buffers as `BackendMemory.shared`: each op on the pool reports them, a sum counts them once.
+
+    They grow to the largest calls in flight at once (a long prompt's) and are then kept
+    for the next calls; `release_scratch` gives back what no call holds.
+    """
+    return ((f"cpuinfer pool scratch ({pool.threads} threads)", int(pool.scratch_bytes)),)
+
+
+def release_scratch() -> None:
+    """Free the working buffers no call holds now, in every pool (after a long prompt, say)."""
+    with _lock:
+        pools = list(_pools.values())
+    for pool in pools:
+        pool.release_scratch()
 
 
 def require_cpu(operator: str, key: str, device: object) -> None:

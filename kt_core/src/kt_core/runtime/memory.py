@@ -44,14 +44,18 @@ def _backend_memory(model: nn.Module) -> dict[str, BackendMemory]:
 
 
 def memory_report(model: nn.Module) -> dict[str, Any]:
-    """MiB of torch tensors per device and of each backend class's mapped/repacked/scratch memory."""
+    """MiB of torch tensors per device, of each backend class's mapped/repacked/scratch memory,
+    and of the memory backends share (counted once, not per class)."""
+    backends = _backend_memory(model)
+    shared = sum(backends.values(), BackendMemory()).shared
     return {
         "torch_tensors_mib": {dev: round(b / MIB, 1) for dev, b in sorted(_tensor_bytes(model).items())},
         "backends_mib": {
             name: {"mapped": round(m.mapped / MIB, 1), "repacked": round(m.repacked / MIB, 1),
                    "scratch": round(m.scratch / MIB, 1)}
-            for name, m in _backend_memory(model).items()
+            for name, m in backends.items()
         },
+        "shared_mib": {name: round(size / MIB, 1) for name, size in shared},
     }
 
 
