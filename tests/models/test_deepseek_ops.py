@@ -34,7 +34,7 @@ from kt_core.operators.linear import KTransformersLinear
 from kt_core.planner import plan
 from kt_core.weights.source import StateDictSource
 from kt_models_deepseek.mla_attention import KDeepseekV2Attention
-from kt_models_deepseek.mla_math import mla_softmax_scale
+from kt_models_deepseek.mla_math import absorbed_attention, expanded_attention, matmul_projection, mla_softmax_scale
 from kt_models_deepseek.model import KDeepseekV2Model, KDeepseekV3Model
 from kt_models_deepseek.moe import KDeepseekV2MoE, KDeepseekV3MoE
 from kt_models_deepseek.rope import YarnRotaryEmbedding
@@ -282,6 +282,45 @@ def test_attention_honours_a_padding_mask(attn_implementation, path, registry, r
         got = injected(ids, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(got[0], expected[0], **LOGITS_TOL)
     torch.testing.assert_close(got[1, 3:], expected[1, 3:], **LOGITS_TOL)
+
+
+@pytest.mark.parametrize("v_dim", [12, 32], ids=["v-narrower", "v-wider"])
+@pytest.mark.parametrize("mask", ["causal", "offset", "a-query-sees-nothing"])
+def test_expanded_and_absorbed_forms_agree(mask, v_dim, monkeypatch):
+    """The expanded form (torch's fused attention: plain causal, or an additive mask; values
+    or queries padded to one head size) and the absorbed one (matmuls and a masked softmax)
+    are the same function, the query that sees nothing (a padded row) included: both give
+    it the uniform average of the values, not zeros or NaN. float32 throughout; 1e-5 covers
+    the different summation orders of O(1) results over sums of a few hundred terms (float32
+    epsilon 1.2e-7)."""
+    gen = torch.Generator().manual_seed(0)
+    b, heads, nope, rope, latent = 2, 4, 16, 8, 32
+    s, keys = (9, 9) if mask == "causal" else (6, 9)
+    q_nope, q_pe = torch.randn(b, heads, s, nope, generator=gen), torch.randn(b, heads, s, rope, generator=gen)
+    c_kv, k_pe = torch.randn(b, 1, keys, latent, generator=gen), torch.randn(b, 1, keys, rope, generator=gen)
+    w_uk, w_uv = torch.randn(heads, nope, latent, generator=gen) * 0.2, torch.randn(heads, v_dim, latent, generator=gen)
+    positions = torch.arange(keys - s, keys)
+    visible = (torch.arange(keys)[None, :] <= positions[:, None]).expand(b, 1, s, keys).clone()
+    if mask == "a-query-sees-nothing":
+        visible[1, 0, 2] = False
+    scale = (nope + rope) ** -0.5
+    fused = torch.nn.functional.scaled_dot_product_attention
+    causal_calls = []
+
+    def spy(*args, **kwargs):
+        causal_calls.append(kwargs.get("is_causal", False))
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    expanded = expanded_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, scale, visible)
+    assert causal_calls == [mask == "causal"]  # a plain causal mask takes the kernel's block-skipping path
+    absorbed = absorbed_attention(q_nope, q_pe, c_kv, k_pe, matmul_projection(w_uk),
+                                  matmul_projection(w_uv.transpose(-1, -2)), scale, visible)
+    assert expanded.shape == (b, heads, s, v_dim) and not expanded.isnan().any()
+    torch.testing.assert_close(expanded, absorbed, rtol=1e-5, atol=1e-5)
+    if mask == "a-query-sees-nothing":
+        values = torch.matmul(c_kv, w_uv.transpose(-1, -2))  # [b, H, T, v]
+        torch.testing.assert_close(expanded[1, :, 2], values[1].mean(dim=-2), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("config_name", ["v2", "v2-yarn", "v3-yarn"])
