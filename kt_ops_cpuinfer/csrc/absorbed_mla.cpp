@@ -156,10 +156,7 @@ void AbsorbedMLA::forward(const void* x, WType dtype, int tokens, const uint8_t*
     for (int v : visible_) require(v >= 0 && v <= cache_rows, "visible keys out of range");
 
     // Every op's borrowed buffers go back to the pool when the job is done or anything failed.
-    struct Release {
-        AbsorbedMLA& mla;
-        ~Release() { mla.release_scratch(); }
-    } release{*this};
+    const ReleaseOnExit release([this] { release_scratch(); });
     const WType qt = q_a_ != nullptr ? promoted(dtype, q_a_norm_.type) : dtype;
     const size_t T = static_cast<size_t>(tokens);
     uint8_t* q_out = scratch_.get(kQOut, T * d.heads * (d.nope + d.rope) * elt(qt));

@@ -22,10 +22,7 @@ LatentAttention::LatentAttention(std::shared_ptr<ThreadPool> pool, const KernelT
 void LatentAttention::forward(const float* q_latent, const float* q_pe, int queries, int heads, int latent, int rope,
                               const CachedRows& c_kv, const CachedRows& k_pe, int keys, const int32_t* visible,
                               float scale, float* out) {
-    struct Release {  // the scores go back when the job is done or anything failed
-        LatentAttention& core;
-        ~Release() { core.release_scratch(); }
-    } release{*this};
+    const ReleaseOnExit release([this] { release_scratch(); });  // the scores go back however the job ends
     std::vector<Phase> phases;
     append_phases(phases, q_latent, q_pe, queries, heads, latent, rope, c_kv, k_pe, keys, visible, scale, out);
     if (!phases.empty()) pool_->submit(std::move(phases))->wait();

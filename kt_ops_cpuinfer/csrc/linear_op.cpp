@@ -25,10 +25,7 @@ LinearOp::LinearOp(std::shared_ptr<ThreadPool> pool, const KernelTable& kernels,
 void LinearOp::forward(const void* x, WType x_type, int tokens, void* out, WType out_type, const float* bias) {
     if (tokens <= 0) return;
     std::vector<Phase> phases;
-    struct Release {  // the buffers go back when the job is done or anything failed
-        LinearOp& op;
-        ~Release() { op.release_scratch(); }
-    } release{*this};
+    const ReleaseOnExit release([this] { release_scratch(); });  // the buffers go back however the job ends
     append_phases(phases, x, x_type, tokens, out, out_type, bias);
     pool_->submit(std::move(phases))->wait();
 }

@@ -135,31 +135,25 @@ void MoELayer::submit(const void* x, WType x_type, const int64_t* ids, const flo
     out_ = out;
     x_type_ = x_type;
     out_type_ = out_type;
-    try {
-        if (x_type != WType::F32) scratch_.get(kWidened, static_cast<size_t>(std::max(tokens, 1)) * static_cast<size_t>(H_) * 4);
-        plan(ids, weights, tokens, top_k);
-        const int nactive = static_cast<int>(active_.size());
-        std::vector<Phase> phases;
-        phases.push_back({P_ > 0 ? T_ : 0, [this](int t, int) { quantize_inputs(t); }});
-        phases.push_back({nactive * chunks_i_, [this](int task, int worker) { gate_up(task, worker); }});
-        phases.push_back({P_, [this](int p, int) { quantize_hidden(p); }});
-        phases.push_back({nactive * chunks_h_, [this](int task, int) { down(task); }});
-        phases.push_back({T_ * combine_col_chunks_, [this](int task, int) { combine(task); }});
-        job_ = pool_->submit(std::move(phases));
-    } catch (...) {
-        scratch_.release();
-        throw;
-    }
+    // Until the job is submitted nothing will give the buffers back: a failure before then does.
+    const ReleaseOnExit release_if_not_submitted([this] { if (!job_) scratch_.release(); });
+    if (x_type != WType::F32) scratch_.get(kWidened, static_cast<size_t>(std::max(tokens, 1)) * static_cast<size_t>(H_) * 4);
+    plan(ids, weights, tokens, top_k);
+    const int nactive = static_cast<int>(active_.size());
+    std::vector<Phase> phases;
+    phases.push_back({P_ > 0 ? T_ : 0, [this](int t, int) { quantize_inputs(t); }});
+    phases.push_back({nactive * chunks_i_, [this](int task, int worker) { gate_up(task, worker); }});
+    phases.push_back({P_, [this](int p, int) { quantize_hidden(p); }});
+    phases.push_back({nactive * chunks_h_, [this](int task, int) { down(task); }});
+    phases.push_back({T_ * combine_col_chunks_, [this](int task, int) { combine(task); }});
+    job_ = pool_->submit(std::move(phases));
 }
 
 void MoELayer::sync() {
     if (!job_) throw std::runtime_error("sync() without a pending submit()");
     std::shared_ptr<Job> job = std::move(job_);
     job_.reset();
-    struct Release {  // the buffers go back when the work is done, or failed
-        ScratchLease& scratch;
-        ~Release() { scratch.release(); }
-    } release{scratch_};
+    const ReleaseOnExit release([this] { scratch_.release(); });  // the buffers go back however the work ends
     job->wait();
 }
 

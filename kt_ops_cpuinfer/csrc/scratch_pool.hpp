@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "aligned_buffer.hpp"
@@ -64,6 +65,20 @@ public:
 private:
     ScratchPool& pool_;
     std::vector<std::unique_ptr<AlignedBuffer>> slots_;
+};
+
+// Runs `release` when the enclosing scope ends, by return or by exception: how a call gives
+// its borrowed buffers back however it ends, in one line at the top of the call.
+template <class Release>
+class ReleaseOnExit {
+public:
+    explicit ReleaseOnExit(Release release) : release_(std::move(release)) {}
+    ~ReleaseOnExit() { release_(); }
+    ReleaseOnExit(const ReleaseOnExit&) = delete;
+    ReleaseOnExit& operator=(const ReleaseOnExit&) = delete;
+
+private:
+    Release release_;
 };
 
 }  // namespace kt
