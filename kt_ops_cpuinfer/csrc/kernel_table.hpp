@@ -13,6 +13,17 @@
 
 namespace kt {
 
+// One operand pair of an attention score: query rows (float32, q_stride floats apart)
+// against cached key rows (F32, F16 or BF16, key_stride bytes apart), `dim` values each.
+struct AttnDotPart {
+    const float* q;
+    size_t q_stride;
+    const uint8_t* keys;
+    WType type;
+    size_t key_stride;
+    int dim;
+};
+
 struct KernelTable {
     const char* isa;  // "avx2" or "avx512"
 
@@ -34,9 +45,9 @@ struct KernelTable {
     void (*activate)(ActFn fn, const float* g, const float* u, float* h, int n);
 
     // Attention over cached rows of type F32, F16 or BF16 (kernels_attention.inc):
-    // out[i * out_stride + t] (+)= <q row i, key row t> for i < nq, t < nkeys, over `dim` values;
-    void (*dot_rows)(const float* q, int nq, size_t q_stride, const uint8_t* keys, WType type, size_t key_stride,
-                     int nkeys, int dim, float* out, size_t out_stride, bool accumulate);
+    // out[i * out_stride + t] = sum over parts[0 .. nparts) of <q row i, key row t> for
+    // i < nq, t < nkeys (MLA: the latent part plus the rotary part, reduced once);
+    void (*dot_rows)(const AttnDotPart* parts, int nparts, int nq, int nkeys, float* out, size_t out_stride);
     // out[j * out_stride + c] += sum_t p[j * p_stride + t] * row_t[c] for j < nq, c < ncols, t < nrows.
     void (*weighted_rows)(const float* p, size_t p_stride, int nq, const uint8_t* rows, WType type, size_t row_stride,
                           int nrows, int ncols, float* out, size_t out_stride);

@@ -56,12 +56,12 @@ void LatentAttention::append_phases(std::vector<Phase>& phases, const float* q_l
                               for (int j = 0; j < nq; ++j) longest = std::max(longest, static_cast<int>(visible[(row + j) / heads]));
                               const int nkb = std::min(nk, longest - t0);
                               if (nkb <= 0) continue;
-                              float* o = scores + static_cast<size_t>(row) * stride + t0;
-                              k.dot_rows(q_latent + static_cast<size_t>(row) * latent, nq, static_cast<size_t>(latent),
-                                         c_kv.data + t0 * c_kv.stride, c_kv.type, c_kv.stride, nkb, latent, o, stride, false);
-                              if (rope > 0)
-                                  k.dot_rows(q_pe + static_cast<size_t>(row) * rope, nq, static_cast<size_t>(rope),
-                                             k_pe.data + t0 * k_pe.stride, k_pe.type, k_pe.stride, nkb, rope, o, stride, true);
+                              const AttnDotPart parts[2] = {
+                                  {q_latent + static_cast<size_t>(row) * latent, static_cast<size_t>(latent),
+                                   c_kv.data + t0 * c_kv.stride, c_kv.type, c_kv.stride, latent},
+                                  {q_pe + static_cast<size_t>(row) * rope, static_cast<size_t>(rope),
+                                   k_pe.data + t0 * k_pe.stride, k_pe.type, k_pe.stride, rope}};
+                              k.dot_rows(parts, rope > 0 ? 2 : 1, nq, nkb, scores + static_cast<size_t>(row) * stride + t0, stride);
                           }
                       }});
     phases.push_back({rows, [=, &k](int row, int) {

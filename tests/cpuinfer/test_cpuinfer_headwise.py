@@ -178,13 +178,16 @@ def test_shape_and_type_problems_are_reported():
 # 16 heads: whole blocks of query rows; 7 heads and 500 columns: the 4-row and 1-row blocks
 # (21 rows) and the columns past the last full vector.
 @pytest.mark.parametrize("heads, latent", [(16, 512), (7, 500)])
-def test_latent_attention_matches_torch_on_the_stored_cache(isa, cache_dtype, heads, latent):
+# 64 rotary values: four whole vectors added to the latent part's chains; 12: a part that is
+# all tail (no whole vector), summed beside the chains.
+@pytest.mark.parametrize("rope", [64, 12])
+def test_latent_attention_matches_torch_on_the_stored_cache(isa, cache_dtype, heads, latent, rope):
     """scores = q_latent·c_kv + q_pe·k_pe, softmax over each query's visible prefix, · c_kv.
 
     The reference widens the cache to float32 exactly as the kernel does in registers, and
     both accumulate in float32, so they differ only by summation order: a few ulps of the
     ~1-sized results (atol 2e-5 over 150 keys and 512 columns)."""
-    queries, rope, keys = 3, 64, 150
+    queries, keys = 3, 150
     gen = torch.Generator().manual_seed(6)
     q_latent = torch.randn(queries, heads, latent, generator=gen)
     q_pe = torch.randn(queries, heads, rope, generator=gen)
