@@ -23,6 +23,7 @@ struct AttnDotPart {
     size_t key_stride;
     int dim;
 };
+constexpr int kAttnMaxParts = 2;  // parts one score sums (MLA: latent and rotary)
 
 struct KernelTable {
     const char* isa;  // "avx2" or "avx512"
@@ -46,7 +47,8 @@ struct KernelTable {
 
     // Attention over cached rows of type F32, F16 or BF16 (kernels_attention.inc):
     // out[i * out_stride + t] = sum over parts[0 .. nparts) of <q row i, key row t> for
-    // i < nq, t < nkeys (MLA: the latent part plus the rotary part, reduced once);
+    // i < nq, t < nkeys, nparts <= kAttnMaxParts (MLA: the latent part plus the rotary
+    // part, reduced once);
     void (*dot_rows)(const AttnDotPart* parts, int nparts, int nq, int nkeys, float* out, size_t out_stride);
     // out[j * out_stride + c] += sum_t p[j * p_stride + t] * row_t[c] for j < nq, c < ncols, t < nrows.
     void (*weighted_rows)(const float* p, size_t p_stride, int nq, const uint8_t* rows, WType type, size_t row_stride,
