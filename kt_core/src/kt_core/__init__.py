@@ -33,7 +33,20 @@ _EXPORTS = {
     "hookimpl": "kt_core.hookspecs",
 }
 
-__all__ = sorted(_EXPORTS)
+# A literal list, so linters and type checkers see what the TYPE_CHECKING imports re-export;
+# tests/core/test_package_exports.py keeps it equal to _EXPORTS' keys.
+__all__ = [
+    "BackendKwargs",
+    "BackendMemory",
+    "BaseInjectedModule",
+    "ExpertsBackend",
+    "HeadwiseLinearBackend",
+    "KtUserError",
+    "LinearBackend",
+    "OperatorKind",
+    "OperatorKwargs",
+    "hookimpl",
+]
 
 
 def __getattr__(name: str) -> Any:
