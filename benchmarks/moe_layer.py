@@ -20,6 +20,12 @@ the reported fraction of the roofline is the median over rounds of
 (expert bytes touched / that round's read bandwidth) / that round's median call time.
 The load average is recorded: on a busy machine every number here is noisy.
 
+Two compositions with the shared experts: `engine_ms_with_shared_overlapped` runs them in
+torch (bf16) while the engine computes the routed experts; `block_with_engine_shared` runs
+them the way the CPU rule files do (KMLPCPUInfer on stored blocks of the variant's types,
+one per cycled layer, submitted before the routed experts on the same pool) and compares
+the whole block with the roofline of both weights' bytes.
+
 Weights are random valid blocks (timing does not depend on the values); KExpertsTorch
 holds random bfloat16 weights of the same shapes. Times are medians over repeats.
 
@@ -46,6 +52,7 @@ from transformers import PretrainedConfig
 from kt_core.weights.source import MissingTensorError, RawTensor, StateDictSource, TensorInfo
 from kt_ops_cpuinfer import _engine, use_isa
 from kt_ops_cpuinfer.experts import KExpertsCPU
+from kt_ops_cpuinfer.mlp import KMLPCPUInfer
 from kt_ops_cpuinfer.pool import get_pool, physical_cores
 from kt_ops_torch.experts import KExpertsTorch
 
@@ -129,6 +136,49 @@ def engine_layers(variant: str, count: int, threads: int, isa: str, rng: np.rand
     return layers
 
 
+def engine_shared_mlps(variant: str, count: int, threads: int, isa: str, rng: np.random.Generator) -> list[KMLPCPUInfer]:
+    """The shared experts as the CPU rules run them: one KMLPCPUInfer per layer on stored blocks of `variant`."""
+    types = VARIANTS[variant]
+    shapes = ((SHARED_INTER, HIDDEN), (SHARED_INTER, HIDDEN), (HIDDEN, SHARED_INTER))
+    key = "model.layers.1.mlp.shared_experts"
+    mlps = []
+    for _ in range(count):
+        tensors = {
+            f"{key}.{name}.weight": (t, shape, _random_blocks((1, *shape), t, rng))
+            for name, t, shape in zip(("gate_proj", "up_proj", "down_proj"), types, shapes, strict=True)
+        }
+        with torch.device("meta"):  # only the projections' shapes are read from the module
+            module = torch.nn.Module()
+            for name, (rows, cols) in zip(("gate_proj", "up_proj", "down_proj"), shapes, strict=True):
+                setattr(module, name, torch.nn.Linear(cols, rows, bias=False))
+        with use_isa(isa):
+            mlp = KMLPCPUInfer(key, _RawSource(tensors), _config(), module, "cpu", threads=threads)
+            mlp.load()
+        mlps.append(mlp)
+    return mlps
+
+
+def time_blocks(layers: list, mlps: list, repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds per decode MoE block as kt_core.moe.overlap_experts runs it with an engine shared MLP.
+
+    Shared MLP submitted, routed experts submitted behind it on the same pool, both waited
+    for; each call on the next layer (and its own shared MLP) with fresh routing.
+    """
+    gen = torch.Generator().manual_seed(7)
+    calls = []
+    for i in range(warmup + repeats):
+        x = torch.randn(1, HIDDEN, generator=gen).to(torch.bfloat16)
+        ids, weights = _routing(1, gen)
+        layer, mlp = layers[i % len(layers)], mlps[i % len(mlps)]
+        t0 = time.perf_counter()
+        mlp.submit(x)
+        layer.submit(x, ids, weights)
+        mlp.sync()
+        layer.sync()
+        calls.append(time.perf_counter() - t0)
+    return calls[warmup:]
+
+
 def torch_layers(count: int) -> list[KExpertsTorch]:
     layers = []
     for _ in range(count):
@@ -144,10 +194,10 @@ def torch_layers(count: int) -> list[KExpertsTorch]:
     return layers
 
 
-def expert_bytes(variant: str) -> int:
-    """Bytes of one expert's gate, up and down weights in `variant`."""
+def expert_bytes(variant: str, inter: int = INTER) -> int:
+    """Bytes of one expert's gate, up and down weights in `variant` (the shared MLP: `inter` SHARED_INTER)."""
     total = 0
-    for t, (rows, cols) in zip(VARIANTS[variant], ((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)), strict=True):
+    for t, (rows, cols) in zip(VARIANTS[variant], ((inter, HIDDEN), (inter, HIDDEN), (HIDDEN, inter)), strict=True):
         bs, ts = TYPE_SIZES[t]
         total += rows * cols // bs * ts
     return total
@@ -292,6 +342,15 @@ def main() -> None:
         entry["decode"]["engine_ms_with_shared_overlapped"] = ms(
             time_calls(layers, 1, args.repeats * 4, torch.bfloat16, shared=shared))
         entry["decode"]["shared_experts_alone_ms"] = ms(_time_shared(shared, 1, args.repeats * 4))
+        mlps = engine_shared_mlps(variant, count, threads, args.isa, rng)
+        block_bytes = touched + expert_bytes(variant, SHARED_INTER)
+        rate = max(bw.engine(), bw.torch_sum())
+        block_ms = ms(time_blocks(layers, mlps, args.repeats * 4))
+        entry["decode"]["block_with_engine_shared"] = {
+            "bytes_touched": block_bytes, "ms": block_ms, "read_gbps": round(rate, 2),
+            "roofline_ms": round(block_bytes / (rate * 1e9) * 1e3, 3),
+            "fraction_of_roofline": round(block_bytes / (rate * 1e9) / (block_ms / 1e3), 3)}
+        del mlps
         if torch_set is not None:
             entry["decode"]["torch_bf16_ms"] = ms(time_calls(torch_set, 1, args.repeats * 2, torch.bfloat16))
         for tokens in args.prefill:
