@@ -162,7 +162,8 @@ def time_blocks(layers: list, mlps: list, repeats: int, warmup: int = 2) -> list
     """Seconds per decode MoE block as kt_core.moe.overlap_experts runs it with an engine shared MLP.
 
     Shared MLP submitted, routed experts submitted behind it on the same pool, both waited
-    for; each call on the next layer (and its own shared MLP) with fresh routing.
+    for; each call on the next layer (and its own shared MLP) with fresh routing, drawn
+    before the clock starts (the block's routing ops are not part of this time).
     """
     gen = torch.Generator().manual_seed(7)
     calls = []
@@ -195,7 +196,7 @@ def torch_layers(count: int) -> list[KExpertsTorch]:
 
 
 def expert_bytes(variant: str, inter: int = INTER) -> int:
-    """Bytes of one expert's gate, up and down weights in `variant` (the shared MLP: `inter` SHARED_INTER)."""
+    """Bytes of one expert's gate, up and down weights in `variant` (`inter=SHARED_INTER`: the shared MLP's)."""
     total = 0
     for t, (rows, cols) in zip(VARIANTS[variant], ((inter, HIDDEN), (inter, HIDDEN), (HIDDEN, inter)), strict=True):
         bs, ts = TYPE_SIZES[t]
