@@ -20,8 +20,9 @@ from kt_core.backends import BackendMemory, ExpertsBackend
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.activation import activation_name
-from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES, engine_rows
+from kt_ops_cpuinfer.dtypes import engine_rows
 from kt_ops_cpuinfer.isa import current_isa
+from kt_ops_cpuinfer.moe_job import MoEJob
 from kt_ops_cpuinfer.pool import get_pool, require_cpu, scratch_memory
 from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, row_slice, storage_problem
 
@@ -55,7 +56,8 @@ class KExpertsCPU(ExpertsBackend):
         self.repacked_bytes = 0
         self._layer: Any = None
         self._matrices: tuple[EngineMatrix, ...] = ()
-        self._inflight: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype] | None = None
+        self._job = MoEJob("KExpertsCPU", key)
+        self._result_dtype: torch.dtype | None = None
 
     # -- weights -------------------------------------------------------------------------
 
@@ -87,7 +89,7 @@ class KExpertsCPU(ExpertsBackend):
         self.loaded = True
 
     def unload(self) -> None:
-        if self._inflight is not None:
+        if self._job.pending:
             self.sync()
         self._layer = None
         self._matrices = ()
@@ -114,8 +116,6 @@ class KExpertsCPU(ExpertsBackend):
         """Queue the experts for `hidden_states` [T, H]; returns before they are computed."""
         if self._layer is None:
             raise RuntimeError(f"KExpertsCPU at {self.key} used before load()")
-        if self._inflight is not None:
-            raise RuntimeError(f"KExpertsCPU.submit() at {self.key} while a previous submit() awaits its sync()")
         if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
             raise ValueError(
                 f"KExpertsCPU at {self.key}: hidden states must be [tokens, {self.hidden_size}], got {tuple(hidden_states.shape)}"
@@ -125,15 +125,11 @@ class KExpertsCPU(ExpertsBackend):
                 f"KExpertsCPU at {self.key}: topk_ids {tuple(topk_ids.shape)} and topk_weights "
                 f"{tuple(topk_weights.shape)} must both be [tokens, k] for {hidden_states.shape[0]} tokens"
             )
-        tokens, top_k = topk_ids.shape
         x = engine_rows(hidden_states, self.hidden_size)  # the model's dtype: the engine widens and rounds itself
         ids = topk_ids.detach().to(device="cpu", dtype=torch.int64).contiguous()
         weights = topk_weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        out = torch.empty(tokens, self.hidden_size, dtype=x.dtype)
-        kind = ENGINE_DTYPES[x.dtype]
-        self._layer.submit(x.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.data_ptr(), tokens, top_k, kind, kind)
-        # The engine reads x and writes out until sync(): keep them (and the rest) alive.
-        self._inflight = (x, ids, weights, out, hidden_states.dtype)
+        self._job.start(self._layer, x, ids, weights)
+        self._result_dtype = hidden_states.dtype
 
     def done(self) -> bool:
         """Whether the last `submit` has finished computing (True when nothing is pending)."""
@@ -141,14 +137,8 @@ class KExpertsCPU(ExpertsBackend):
 
     def sync(self) -> torch.Tensor:
         """Wait for the last `submit` and return [T, H] in the submitted hidden states' dtype."""
-        if self._inflight is None or self._layer is None:
-            raise RuntimeError(f"KExpertsCPU.sync() at {self.key} without a submit()")
-        out, dtype = self._inflight[3], self._inflight[4]
-        try:
-            self._layer.sync()
-        finally:
-            self._inflight = None
-        return out if out.dtype == dtype else out.to(dtype)
+        out = self._job.wait()
+        return out if out.dtype == self._result_dtype else out.to(self._result_dtype)
 
     def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         self.submit(hidden_states, topk_ids, topk_weights)

@@ -24,8 +24,9 @@ from kt_core.injected import BaseInjectedModule
 from kt_core.weights.source import WeightSource
 from kt_ops_cpuinfer import _engine
 from kt_ops_cpuinfer.activation import activation_name
-from kt_ops_cpuinfer.dtypes import ENGINE_DTYPES, engine_rows
+from kt_ops_cpuinfer.dtypes import engine_rows
 from kt_ops_cpuinfer.isa import current_isa
+from kt_ops_cpuinfer.moe_job import MoEJob
 from kt_ops_cpuinfer.pool import get_pool, require_cpu, scratch_memory
 from kt_ops_cpuinfer.weights import EngineMatrix, read_matrix, storage_problem
 
@@ -61,7 +62,8 @@ class KMLPCPUInfer(BaseInjectedModule):
         self._layer: Any = None
         self._matrices: tuple[EngineMatrix, ...] = ()
         self._route: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._inflight: tuple[torch.Tensor, ...] | None = None
+        self._job = MoEJob("KMLPCPUInfer", key)
+        self._submitted: torch.Tensor | None = None  # the input of the job in flight: the output's shape and dtype
 
     @classmethod
     def accepts(cls, module: nn.Module) -> str | None:
@@ -104,7 +106,7 @@ class KMLPCPUInfer(BaseInjectedModule):
         self._matrices = (gate, up, down)
 
     def unload(self) -> None:
-        if self._inflight is not None:
+        if self._job.pending:
             self.sync()
         self._layer = None
         self._matrices = ()
@@ -140,28 +142,17 @@ class KMLPCPUInfer(BaseInjectedModule):
         """
         if self._layer is None:
             raise RuntimeError(f"KMLPCPUInfer at {self.key} used before load()")
-        if self._inflight is not None:
-            raise RuntimeError(f"KMLPCPUInfer.submit() at {self.key} while a previous submit() awaits its sync()")
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"KMLPCPUInfer at {self.key}: input has {x.shape[-1]} features, expected {self.hidden_size}")
         rows = engine_rows(x, self.hidden_size)  # the model's dtype: the engine widens and rounds itself
-        tokens = rows.shape[0]
-        ids, weights = self._routing(tokens)
-        out = torch.empty(tokens, self.hidden_size, dtype=rows.dtype)
-        kind = ENGINE_DTYPES[rows.dtype]
-        self._layer.submit(rows.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.data_ptr(), tokens, 1, kind, kind)
-        # The engine reads rows and writes out until sync(): keep them alive.
-        self._inflight = (rows, ids, weights, out, x)
+        ids, weights = self._routing(rows.shape[0])
+        self._job.start(self._layer, rows, ids, weights)
+        self._submitted = x
 
     def sync(self) -> torch.Tensor:
         """Wait for the last `submit` and return the MLP's output in the input's shape, device and dtype."""
-        if self._inflight is None or self._layer is None:
-            raise RuntimeError(f"KMLPCPUInfer.sync() at {self.key} without a submit()")
-        out, x = self._inflight[3], self._inflight[4]
-        try:
-            self._layer.sync()
-        finally:
-            self._inflight = None
+        out, x = self._job.wait(), self._submitted
+        self._submitted = None
         return out.view(*x.shape).to(device=x.device, dtype=x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
