@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
+from kt_core.moe import overlap_experts
 from kt_core.weights.source import MissingTensorError, RawTensor, StateDictSource, TensorInfo
 from kt_ops_cpuinfer import _engine, use_isa
 from kt_ops_cpuinfer.experts import KExpertsCPU
@@ -58,6 +60,7 @@ from kt_ops_torch.experts import KExpertsTorch
 
 HIDDEN, EXPERTS, INTER, TOP_K, SHARED_INTER = 2048, 64, 1408, 6, 2 * 1408
 KEY = "model.layers.1.mlp.experts"
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 GIB = 2**30
 TYPE_SIZES = {"Q4_K": (256, 144), "Q8_0": (32, 34)}
 SCALE_OFFSETS = {"Q4_K": (0, 2), "Q8_0": (0,)}
@@ -91,10 +94,17 @@ class _RawSource:
         return RawTensor(name, t, shape, data)
 
 
-def _random_blocks(shape: tuple[int, int, int], ggml_type: str, rng: np.random.Generator) -> np.ndarray:
+def _block_tensors(key: str, suffix: str, types: tuple[str, ...], shapes: tuple[tuple[int, ...], ...],
+                   rng: np.random.Generator) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
+    """`_RawSource` tensors `<key>.<projection><suffix>` of random blocks, one per projection."""
+    return {f"{key}.{name}{suffix}": (t, shape, _random_blocks(shape, t, rng))
+            for name, t, shape in zip(PROJECTIONS, types, shapes, strict=True)}
+
+
+def _random_blocks(shape: tuple[int, ...], ggml_type: str, rng: np.random.Generator) -> np.ndarray:
     """Random bytes with small finite fp16 scales: valid blocks of `ggml_type`."""
     bs, ts = TYPE_SIZES[ggml_type]
-    n_blocks = shape[0] * shape[1] * shape[2] // bs
+    n_blocks = math.prod(shape) // bs
     blocks = rng.integers(0, 256, size=(n_blocks, ts), dtype=np.uint8)
     for off in SCALE_OFFSETS[ggml_type]:
         blocks[:, off:off + 2] = np.full(n_blocks, 1e-3, dtype=np.float16).view(np.uint8).reshape(n_blocks, 2)
@@ -125,10 +135,7 @@ def engine_layers(variant: str, count: int, threads: int, isa: str, rng: np.rand
     shapes = ((EXPERTS, INTER, HIDDEN), (EXPERTS, INTER, HIDDEN), (EXPERTS, HIDDEN, INTER))
     layers = []
     for _ in range(count):
-        tensors = {
-            f"{KEY}.{name}": (t, shape, _random_blocks(shape, t, rng))
-            for name, t, shape in zip(("gate_proj", "up_proj", "down_proj"), types, shapes, strict=True)
-        }
+        tensors = _block_tensors(KEY, "", types, shapes, rng)
         with use_isa(isa):
             layer = KExpertsCPU(KEY, _RawSource(tensors), _config(), None, "cpu", threads=threads)
             layer.load()
@@ -143,41 +150,16 @@ def engine_shared_mlps(variant: str, count: int, threads: int, isa: str, rng: np
     key = "model.layers.1.mlp.shared_experts"
     mlps = []
     for _ in range(count):
-        tensors = {
-            f"{key}.{name}.weight": (t, shape, _random_blocks((1, *shape), t, rng))
-            for name, t, shape in zip(("gate_proj", "up_proj", "down_proj"), types, shapes, strict=True)
-        }
+        tensors = _block_tensors(key, ".weight", types, shapes, rng)
         with torch.device("meta"):  # only the projections' shapes are read from the module
             module = torch.nn.Module()
-            for name, (rows, cols) in zip(("gate_proj", "up_proj", "down_proj"), shapes, strict=True):
+            for name, (rows, cols) in zip(PROJECTIONS, shapes, strict=True):
                 setattr(module, name, torch.nn.Linear(cols, rows, bias=False))
         with use_isa(isa):
             mlp = KMLPCPUInfer(key, _RawSource(tensors), _config(), module, "cpu", threads=threads)
             mlp.load()
         mlps.append(mlp)
     return mlps
-
-
-def time_blocks(layers: list, mlps: list, repeats: int, warmup: int = 2) -> list[float]:
-    """Seconds per decode MoE block as kt_core.moe.overlap_experts runs it with an engine shared MLP.
-
-    Shared MLP submitted, routed experts submitted behind it on the same pool, both waited
-    for; each call on the next layer (and its own shared MLP) with fresh routing, drawn
-    before the clock starts (the block's routing ops are not part of this time).
-    """
-    gen = torch.Generator().manual_seed(7)
-    calls = []
-    for i in range(warmup + repeats):
-        x = torch.randn(1, HIDDEN, generator=gen).to(torch.bfloat16)
-        ids, weights = _routing(1, gen)
-        layer, mlp = layers[i % len(layers)], mlps[i % len(mlps)]
-        t0 = time.perf_counter()
-        mlp.submit(x)
-        layer.submit(x, ids, weights)
-        mlp.sync()
-        layer.sync()
-        calls.append(time.perf_counter() - t0)
-    return calls[warmup:]
 
 
 def torch_layers(count: int) -> list[KExpertsTorch]:
@@ -210,11 +192,14 @@ def _routing(tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return ids, weights
 
 
-def time_calls(layers: list, tokens: int, repeats: int, dtype: torch.dtype, shared: torch.nn.Module | None = None,
+def time_calls(layers: list, tokens: int, repeats: int, dtype: torch.dtype, shared: list | None = None,
                warmup: int = 2) -> list[float]:
     """Seconds per call, each call on the next layer (round robin) with fresh routing.
 
-    With `shared`, a call is submit -> shared experts (torch) -> sync, as kt's MoE block does it.
+    With `shared` (cycled beside the layers), a call is the MoE block's own composition,
+    kt_core.moe.overlap_experts: an engine shared MLP is submitted before the routed
+    experts, a torch one computed while they run. Routing is drawn before the clock starts
+    (the block's routing ops are not part of the time).
     """
     gen = torch.Generator().manual_seed(tokens)
     calls = []
@@ -224,9 +209,7 @@ def time_calls(layers: list, tokens: int, repeats: int, dtype: torch.dtype, shar
         layer = layers[i % len(layers)]
         t0 = time.perf_counter()
         if shared is not None:
-            layer.submit(x, ids, weights)
-            shared(x)
-            layer.sync()
+            overlap_experts(layer, shared[i % len(shared)], x, x, lambda: (ids, weights))  # noqa: B023 -- called at once
         else:
             layer(x, ids, weights)
         calls.append(time.perf_counter() - t0)
@@ -259,12 +242,15 @@ class Bandwidth:
         return GIB / (time.perf_counter() - t0) / 1e9
 
 
-def decode_rounds(layers: list, bw: Bandwidth, touched: int, rounds: int, calls: int) -> dict[str, Any]:
-    """Rounds of (bandwidth probe, `calls` decode calls): medians and the per-round roofline fraction."""
+def decode_rounds(layers: list, bw: Bandwidth, touched: int, rounds: int, calls: int,
+                  shared: list | None = None) -> dict[str, Any]:
+    """Rounds of (bandwidth probe, `calls` decode calls): medians and the per-round roofline fraction.
+
+    `touched`: the bytes a call reads (with `shared`, the shared MLP's weights too)."""
     times, rates, fractions = [], [], []
     for _ in range(rounds):
         rate = max(bw.engine(), bw.torch_sum())
-        t = statistics.median(time_calls(layers, 1, calls, torch.bfloat16))
+        t = statistics.median(time_calls(layers, 1, calls, torch.bfloat16, shared=shared))
         rates.append(rate)
         times.append(t)
         fractions.append(touched / (rate * 1e9) / t)
@@ -341,16 +327,11 @@ def main() -> None:
             "prefill": [],
         }
         entry["decode"]["engine_ms_with_shared_overlapped"] = ms(
-            time_calls(layers, 1, args.repeats * 4, torch.bfloat16, shared=shared))
+            time_calls(layers, 1, args.repeats * 4, torch.bfloat16, shared=[shared]))
         entry["decode"]["shared_experts_alone_ms"] = ms(_time_shared(shared, 1, args.repeats * 4))
         mlps = engine_shared_mlps(variant, count, threads, args.isa, rng)
-        block_bytes = touched + expert_bytes(variant, SHARED_INTER)
-        rate = max(bw.engine(), bw.torch_sum())
-        block_ms = ms(time_blocks(layers, mlps, args.repeats * 4))
-        entry["decode"]["block_with_engine_shared"] = {
-            "bytes_touched": block_bytes, "ms": block_ms, "read_gbps": round(rate, 2),
-            "roofline_ms": round(block_bytes / (rate * 1e9) * 1e3, 3),
-            "fraction_of_roofline": round(block_bytes / (rate * 1e9) / (block_ms / 1e3), 3)}
+        entry["decode"]["block_with_engine_shared"] = decode_rounds(
+            layers, bw, touched + expert_bytes(variant, SHARED_INTER), rounds=args.repeats, calls=20, shared=mlps)
         del mlps
         if torch_set is not None:
             entry["decode"]["torch_bf16_ms"] = ms(time_calls(torch_set, 1, args.repeats * 2, torch.bfloat16))

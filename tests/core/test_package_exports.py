@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import kt_core
 
 
@@ -11,5 +13,4 @@ def test_all_lists_exactly_the_lazily_exported_names() -> None:
 
 def test_every_exported_name_resolves_to_its_module_attribute() -> None:
     for name, module in kt_core._EXPORTS.items():
-        assert getattr(kt_core, name) is getattr(__import__(module, fromlist=[name]), name)
-
+        assert getattr(kt_core, name) is getattr(importlib.import_module(module), name)
